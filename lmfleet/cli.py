@@ -1,0 +1,203 @@
+"""The `lmfleet` command. Each sub-command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmfleet import __version__
+from lmfleet.errors import ConfigError, LmfleetError
+
+app = typer.Typer(help="lmfleet: train, compress and serve language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Build token corpora from text.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lmfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None) -> None:
+    pass
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`key=value` pairs; values parse as JSON when they can (numbers, true/false, null)."""
+    result: dict[str, object] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} should look like key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            result[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key.strip()] = raw
+    return result
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[list[str], typer.Option("--source", "-s", help="'stdlib' (the running Python's standard "
+                                              "library .py files) or a text file / directory; repeatable.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Corpus directory to write.")],
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size, special tokens included.")] = 8192,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.01,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Reuse the tokenizer of this model or corpus "
+                                                      "directory instead of training one.")] = None,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 50_000_000,
+) -> None:
+    """Train a tokenizer on text sources and write token shards, a train/val split and manifest.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmfleet.data.corpus import prepare_corpus
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("training tokenizer" if tokenizer is None else "loading tokenizer", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description="tokenizing", completed=done, total=total)
+
+        manifest = prepare_corpus(source, out_dir, vocab_size=vocab_size, val_fraction=val_fraction,
+                                  shard_tokens=shard_tokens, tokenizer=tokenizer, progress=progress)
+    table = Table(title=f"corpus {out_dir}", show_header=True)
+    for col in ("split", "documents", "tokens", "shards"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, str(split["documents"]), f"{split['tokens']:,}", str(len(split["shards"])))
+    out.print(table)
+    n_bytes = sum(s["bytes"] for s in manifest["sources"])
+    out.print(f"sources: {', '.join(s['source'] for s in manifest['sources'])} — {manifest['files_read']} files, "
+              f"{_human_bytes(n_bytes)} ({manifest['files_skipped']} skipped as non-text); "
+              f"vocab {manifest['vocab_size']} ({manifest['dtype']}); {manifest['seconds']:.1f} s")
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+@app.command("init")
+def init(
+    out_dir: Annotated[Path, typer.Argument(help="Model directory to write.")],
+    tokenizer: Annotated[Path, typer.Option(help="Corpus or model directory whose tokenizer the model uses.")],
+    flavor: Annotated[str, typer.Option(help="Named size: debug (~1M), tiny (~10M), small (~60M).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a ModelConfig field, "
+                                                           "e.g. --set num_hidden_layers=2.")] = None,
+) -> None:
+    """Write a freshly initialised model directory (HF layout) for a tokenizer."""
+    from lmfleet.model import ModelConfig, build_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(tokenizer)
+    fields = _parse_overrides(overrides or [])
+    fields.setdefault("vocab_size", tok.vocab_size)
+    config = ModelConfig.from_flavor(flavor, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                     pad_token_id=tok.pad_id, **fields)
+    if config.vocab_size < tok.vocab_size:
+        raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    save_model(build_model(config, seed=seed), out_dir, tokenizer=tok)
+    out.print(f"wrote {flavor} model ({config.num_params() / 1e6:.1f}M parameters) to {out_dir}")
+
+
+@app.command("info")
+def info(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a model directory's config, parameter count, dtype and size on disk."""
+    from lmfleet.model import model_info
+
+    details = model_info(model_dir)
+    if as_json:
+        print(json.dumps(details, indent=2))
+        return
+    table = Table(title=str(model_dir), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("architecture", details["architecture"])
+    table.add_row("parameters", f"{details['parameters']:,} ({details['parameters'] / 1e6:.1f}M)")
+    table.add_row("dtype", details["dtype"])
+    table.add_row("size on disk", f"{_human_bytes(details['size_bytes'])} in {details['weight_files']} weight file(s)")
+    table.add_row("tokenizer", "yes" if details["has_tokenizer"] else "no")
+    for key, value in details["config"].items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command("generate")
+def generate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text (a user message with --chat).")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible output.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Generate text from a prompt (simple sampler with a KV cache; for smoke tests)."""
+    import torch
+
+    from lmfleet.model import generate, load_model, load_tokenizer
+
+    if top_k is not None and top_k <= 0:
+        raise ConfigError(f"--top-k={top_k} must be a positive integer")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p={top_p} must be in (0, 1]")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, dtype=dtype, device=device)
+    tok = load_tokenizer(model_dir)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    else:
+        ids = tok.encode(prompt)
+    stop = set(model.config.eos_token_ids) | set(tok.stop_ids)
+    detok = tok.detokenizer(skip_special_tokens=True)
+    if not chat:
+        sys.stdout.write(prompt)
+    for token in generate(model, ids, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, stop_ids=sorted(stop), seed=seed):
+        sys.stdout.write(detok.add(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
+    try:
+        app()
+    except LmfleetError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
