@@ -94,8 +94,9 @@ def read_documents(sources: list[SourceFiles], skipped: list[str] | None = None)
 
 
 def split_of(doc: Document, val_fraction: float) -> str:
-    """Deterministic per-document split from a hash of its name (stable when sources grow)."""
-    digest = hashlib.sha256(f"{doc.source}\0{doc.name}".encode()).digest()
+    """Deterministic per-document split from a hash of its path relative to its source, so the
+    split is the same on every machine and stays stable when sources grow."""
+    digest = hashlib.sha256(doc.name.encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
