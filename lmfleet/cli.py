@@ -187,6 +187,93 @@ def generate_cmd(
     sys.stdout.write(detok.flush() + "\n")
 
 
+# ---- training ------------------------------------------------------------------------------------
+
+@app.command("train")
+def train(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Training config (see configs/).")],
+    data: Annotated[Optional[Path], typer.Option(help="Corpus directory (overrides [data] dir).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (overrides [train] out_dir).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint interval in steps.")] = None,
+    nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Nodes taking part (multi-node needs --rdzv-endpoint).")] = 1,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank (multi-node).")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of the rendezvous (multi-node).")] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure; "
+                                              "workers resume from the latest checkpoint.")] = 0,
+    strategy: Annotated[Optional[str], typer.Option(help="ddp, fsdp or diloco (overrides [train] strategy).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: "
+                                                           "section.key=value, e.g. optim.lr=1e-3.")] = None,
+) -> None:
+    """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes."""
+    from lmfleet.train import LaunchSpec, TrainConfig, launch
+
+    fields = _parse_overrides(overrides or [])
+    for key, value in (("data.dir", data), ("train.out_dir", out_dir), ("train.steps", steps),
+                       ("checkpoint.every", checkpoint_every), ("train.strategy", strategy)):
+        if value is not None:
+            fields[key] = str(value) if isinstance(value, Path) else value
+    config = TrainConfig.load(config_path).apply_overrides(fields)
+    spec = LaunchSpec(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                      max_restarts=max_restarts, resume=resume)
+    summary = launch(config, spec)
+    if summary.get("final_dir"):
+        out.print(f"final model: {summary['final_dir']} (validation perplexity "
+                  f"{summary.get('val_perplexity', float('nan')):.2f})")
+    else:
+        out.print(f"run directory: {summary.get('run_dir')}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    data: Annotated[Path, typer.Option(help="Corpus directory (from `lmfleet data prepare`).")],
+    split: Annotated[str, typer.Option(help="Corpus split to score.")] = "val",
+    seq_len: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens.")] = 1_000_000,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity of a model on a corpus split."""
+    import torch
+
+    from lmfleet.compress.evaluate import evaluate_perplexity
+    from lmfleet.data.corpus import Corpus
+    from lmfleet.model import load_model
+
+    if seq_len <= 0 or max_tokens <= 0:
+        raise ConfigError(f"--seq-len={seq_len} and --max-tokens={max_tokens} must be positive")
+    corpus = Corpus(data)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, dtype=dtype, device=device)
+    if corpus.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"corpus {data} has a vocabulary of {corpus.vocab_size}, larger than the model's "
+                          f"{model.config.vocab_size}: it was tokenized for another model")
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    result = evaluate_perplexity(model, corpus, seq_len=seq_len, max_tokens=max_tokens, split=split)
+    result.update({"model": str(model_dir), "data": str(data), "split": split, "seq_len": seq_len})
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(f"{split} perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f} nats/token) "
+                  f"over {result['tokens']:,} tokens")
+
+
+@app.command("plot")
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")],
+    output: Annotated[Optional[Path], typer.Option("--out", help="Image path (default RUN_DIR/loss.png).")] = None,
+) -> None:
+    """Plot training and validation loss against tokens seen (loss.png)."""
+    from lmfleet.train.plot import plot_run
+
+    out.print(f"wrote {plot_run(run_dir, output)}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
     try:

@@ -1,0 +1,1 @@
+"""Process groups and the wrappers that parallelise an unmodified model."""

@@ -1,0 +1,235 @@
+"""The training loop. Runs in every worker process (or in-process for a single worker)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lmfleet.compress.evaluate import evaluate_perplexity
+from lmfleet.data.corpus import Corpus
+from lmfleet.data.loader import TokenLoader
+from lmfleet.errors import ConfigError
+from lmfleet.model.checkpoint import save_model
+from lmfleet.model.config import ModelConfig
+from lmfleet.model.transformer import Transformer, build_model
+from lmfleet.parallel.mesh import DistInfo, destroy_distributed, init_distributed
+from lmfleet.train import checkpointing as ckpt
+from lmfleet.train.config import TrainConfig
+from lmfleet.train.metrics import MetricsWriter, peak_flops, peak_memory_bytes, read_metrics
+from lmfleet.train.strategies import Strategy, make_strategy
+
+FAULT_STEP_ENV = "LMFLEET_FAULT_STEP"  # test hook: SIGKILL this process at that step, first attempt only
+FAULT_RANK_ENV = "LMFLEET_FAULT_RANK"
+
+
+def build_model_config(config: TrainConfig, corpus: Corpus) -> ModelConfig:
+    """The model of a run: flavor + overrides, vocabulary and special ids from the corpus tokenizer."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(config.model.overrides) - known)
+    if bad:
+        raise ConfigError(f"unknown model setting(s) {[f'model.{k}' for k in bad]}; ModelConfig has {sorted(known)}")
+    tok = corpus.tokenizer()
+    fields = {"vocab_size": corpus.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+              "pad_token_id": tok.pad_id, **config.model.overrides}
+    model_config = ModelConfig.from_flavor(config.model.flavor, **fields)
+    if model_config.vocab_size < corpus.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_config.vocab_size} is smaller than the corpus vocabulary "
+                          f"({corpus.vocab_size})")
+    if config.data.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds the model's max_position_embeddings="
+                          f"{model_config.max_position_embeddings}")
+    return model_config
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    base, warmup, total = config.optim.lr, config.schedule.warmup_steps, config.train.steps
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = base * config.schedule.min_lr_ratio
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases)."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+                             eps=config.optim.eps)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    target = os.environ.get(FAULT_STEP_ENV)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if target and first_attempt and int(target) == step and rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: str | Path, info: DistInfo):
+        self.config, self.run_dir, self.info = config, Path(run_dir), info
+        torch.manual_seed(config.train.seed)
+        self.corpus = Corpus(config.data.dir)
+        self.model_config = build_model_config(config, self.corpus)
+        model = build_model(self.model_config, seed=config.train.seed, device=info.device)
+        if config.train.compile:
+            for block in model.layers:
+                block.compile()
+        self.strategy: Strategy = make_strategy(config.train.strategy, model, info, config)
+        self.optimizer = build_optimizer(self.strategy.model, config)
+        self.loader = TokenLoader(self.corpus, config.data.seq_len, config.batch.micro_batch,
+                                  config.batch.grad_accum, info.rank, info.world_size, config.train.seed)
+        self.autocast_dtype = torch.bfloat16 if config.train.precision == "bf16" else None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=info.is_main)
+        self.tokens_per_step = config.global_batch(info.world_size) * config.data.seq_len
+        self.flops_per_token = self.model_config.flops_per_token(config.data.seq_len)
+        self.peak = peak_flops(info.device, self.autocast_dtype or torch.float32, config.train.peak_flops)
+        self.step = 0
+        self.comm_total = 0
+
+    # ---- state -------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {"world_size": self.info.world_size, "strategy": self.config.train.strategy,
+                "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
+                "global_batch": self.config.global_batch(self.info.world_size),
+                "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total}
+
+    def save(self) -> None:
+        local = {"loader": self.loader.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "comm_total": self.comm_total, "strategy": self.strategy.local_state(self.optimizer)}
+        if self.info.device.type == "cuda":
+            local["rng_cuda"] = torch.cuda.get_rng_state(self.info.device)
+        ckpt.save_checkpoint(self.run_dir, self.step, self.info.rank, self.strategy.sharded_state(self.optimizer),
+                             local, self.meta(), self.config.checkpoint.keep_last)
+
+    def resume(self, path: Path) -> None:
+        sharded = self.strategy.sharded_state(self.optimizer)
+        local = ckpt.load_checkpoint(path, self.info.rank, sharded)
+        if sharded is not None:
+            self.strategy.load_sharded_state(self.optimizer, sharded)
+        self.strategy.load_local_state(self.optimizer, local["strategy"])
+        self.loader.load_state_dict(local["loader"])
+        torch.set_rng_state(local["rng_cpu"])
+        if "rng_cuda" in local and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(local["rng_cuda"], self.info.device)
+        self.step = self.loader.step
+        self.comm_total = int(local["comm_total"])
+        if self.info.is_main:  # metrics logged after the checkpoint by a run that died are replayed
+            kept = [r for r in read_metrics(self.metrics.path) if r.get("step", 0) <= self.step]
+            self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # ---- steps -------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, step = self.config, self.step
+        start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.batch.grad_accum
+        loss_sum = torch.zeros((), device=self.info.device)
+        for micro in range(accum):
+            inputs, targets = (t.to(self.info.device) for t in self.loader.batch(step, micro))
+            with self.strategy.micro_step(micro == accum - 1), torch.autocast(
+                    self.info.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.strategy.model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        comm = self.strategy.step_comm_bytes(accum) + self.strategy.after_optimizer_step(step)
+        loss_sum /= accum * self.info.world_size
+        _all_reduce_sum(loss_sum)
+        self.step += 1
+        self.loader.step = self.step
+        self.comm_total += comm
+        elapsed = time.perf_counter() - start
+        tokens_per_s = self.tokens_per_step / elapsed
+        peak_total = self.peak * self.info.world_size
+        return {"step": self.step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / peak_total if peak_total else None,
+                "step_time_s": elapsed, "peak_mem_bytes": peak_memory_bytes(self.info.device),
+                "comm_bytes": comm, "comm_bytes_total": self.comm_total}
+
+    def evaluate(self) -> dict[str, Any]:
+        with self.strategy.eval_weights():
+            result = evaluate_perplexity(self.strategy.model, self.corpus, self.config.data.seq_len,
+                                         self.config.eval.tokens, rank=self.info.rank,
+                                         world_size=self.info.world_size, all_reduce=_all_reduce_sum,
+                                         autocast_dtype=self.autocast_dtype)
+        record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "val_loss": result["loss"],
+                  "val_perplexity": result["perplexity"], "val_tokens": result["tokens"]}
+        self.metrics.write({"kind": "eval", **record})
+        return record
+
+    def export(self) -> Path | None:
+        """Write the final model as a Hugging Face-layout directory `RUN/final` (rank 0)."""
+        state = self.strategy.full_state_dict()
+        if not self.info.is_main:
+            return None
+        with torch.device("meta"):
+            model = Transformer(self.model_config)
+        model.load_state_dict(state, assign=True)
+        model.tie_weights()
+        return save_model(model, self.run_dir / "final", tokenizer=self.corpus.tokenizer())
+
+    def fit(self, progress: Any = None) -> dict[str, Any]:
+        cfg = self.config
+        total = cfg.train.steps
+        if self.step == 0 and cfg.eval.every:
+            self.evaluate()  # the starting point of the validation curve
+        while self.step < total:
+            _maybe_inject_fault(self.step, self.info.rank)
+            record = self.train_step()
+            if self.step % cfg.train.log_every == 0 or self.step == total:
+                self.metrics.write({"kind": "train", **record})
+            if progress is not None:
+                progress(record)
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
+                self.evaluate()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
+                self.save()
+        self.comm_total += self.strategy.finish(self.step - 1)
+        last_eval = self.evaluate()
+        self.save()
+        final = self.export()
+        return {"steps": self.step, "final_dir": str(final) if final else None, **last_eval}
+
+
+def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Train in this process as one rank of the group torchrun set up (or alone)."""
+    info = init_distributed()
+    try:
+        trainer = Trainer(config, run_dir, info)
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        latest = ckpt.latest_checkpoint(run_dir)
+        if (resume or restarted) and latest is not None:
+            trainer.resume(latest)
+        if not (show_progress and info.is_main):
+            return trainer.fit()
+        from lmfleet.train.progress import training_progress
+
+        with training_progress(config.train.steps, trainer.step) as update:
+            return trainer.fit(update)
+    finally:
+        destroy_distributed()
