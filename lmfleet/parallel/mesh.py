@@ -42,7 +42,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
+            from torch.distributed.rendezvous import rendezvous
+
+            store, rank, world_size = next(rendezvous("env://"))
+            # torchrun keeps one store across restarts of the worker group; a fresh key space per
+            # attempt stops restarted workers from dialling the addresses of the dead ones.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"lmfleet/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    device_id=dev if backend == "nccl" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, local_rank, world_size, dev, backend)

@@ -104,7 +104,7 @@ def launch(config: TrainConfig, spec: LaunchSpec) -> dict[str, Any]:
     try:
         run(get_args_parser().parse_args(torchrun_args(run_dir, spec)))
     except ChildFailedError as exc:
-        failures = "; ".join(f"rank {f.global_rank}: exit code {f.exitcode}" for f in exc.failures.values())
+        failures = "; ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in exc.failures.items())
         raise LmfleetError(f"training workers failed ({failures}); logs above, checkpoints in "
                            f"{ckpt.checkpoint_root(run_dir)}") from None
     return run_summary(run_dir)
