@@ -19,15 +19,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Build the corpus and tokenizer from the Python standard library (cached), make a fresh tiny model,
-# and generate from it.
-quickstart: install $(QS)/corpus/manifest.json
-	$(LMFLEET) init $(QS)/model-init --tokenizer $(QS)/corpus --flavor tiny --seed 0
-	$(LMFLEET) info $(QS)/model-init
-	$(LMFLEET) generate $(QS)/model-init "def fibonacci(n):" --max-tokens 32 --temperature 0.8 --seed 0
+# Build the corpus and tokenizer from the Python standard library, train the tiny model with 2
+# data-parallel workers (both cached once done), evaluate it, plot its loss and generate from it.
+quickstart: install $(QS)/tiny/final/config.json
+	$(LMFLEET) eval $(QS)/tiny/final --data $(QS)/corpus
+	$(LMFLEET) plot $(QS)/tiny
+	$(LMFLEET) generate $(QS)/tiny/final "def fibonacci(n):" --max-tokens 48 --temperature 0.7 --seed 0
 
 $(QS)/corpus/manifest.json: | install
-	$(LMFLEET) data prepare --source stdlib --out $(QS)/corpus --vocab-size 8192
+	$(LMFLEET) data prepare --source stdlib --out $(QS)/corpus --vocab-size 8192 --val-fraction 0.03
+
+$(QS)/tiny/final/config.json: $(QS)/corpus/manifest.json configs/tiny.toml
+	rm -rf $(QS)/tiny
+	$(LMFLEET) train configs/tiny.toml --data $(QS)/corpus --out $(QS)/tiny --nproc 2
 
 test: install
 	$(PY) -m pytest -q

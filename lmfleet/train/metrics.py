@@ -16,7 +16,7 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
                  "L4": 121e12, "RTX 4090": 165e12, "B200": 2250e12}
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
     """This process's achievable matmul FLOP/s on the CPU, with its current thread count."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)

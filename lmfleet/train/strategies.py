@@ -33,8 +33,9 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _unique_params(model))
 
 
-def _total_norm(norm: torch.Tensor) -> float:
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def _total_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (FSDP returns a DTensor); left on the device so reading it is the caller's sync."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class Strategy:
@@ -53,7 +54,7 @@ class Strategy:
         """Context for one micro-step's forward/backward (gradient sync only on the last)."""
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to `max_norm` (0: no clipping) and return the norm before clipping."""
         limit = max_norm if max_norm > 0 else float("inf")
         return _total_norm(torch.nn.utils.clip_grad_norm_(_unique_params(self.model), limit))

@@ -145,11 +145,12 @@ class Trainer:
         accum = cfg.batch.grad_accum
         loss_sum = torch.zeros((), device=self.info.device)
         for micro in range(accum):
-            inputs, targets = (t.to(self.info.device) for t in self.loader.batch(step, micro))
-            with self.strategy.micro_step(micro == accum - 1), torch.autocast(
-                    self.info.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.strategy.model(inputs)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
+            with self.strategy.micro_step(micro == accum - 1):
+                with torch.autocast(self.info.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    logits = self.strategy.model(inputs)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
@@ -158,13 +159,15 @@ class Trainer:
         comm = self.strategy.step_comm_bytes(accum) + self.strategy.after_optimizer_step(step)
         loss_sum /= accum * self.info.world_size
         _all_reduce_sum(loss_sum)
+        # One device-to-host sync per step, after the optimizer's kernels are queued.
+        loss_value, grad_norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
         self.step += 1
         self.loader.step = self.step
         self.comm_total += comm
         elapsed = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / elapsed
         peak_total = self.peak * self.info.world_size
-        return {"step": self.step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm,
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                 "tokens": self.step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token * tokens_per_s / peak_total if peak_total else None,
                 "step_time_s": elapsed, "peak_mem_bytes": peak_memory_bytes(self.info.device),
