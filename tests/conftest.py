@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 SAMPLE_TEXTS = {
     "en.txt": "The quick brown fox jumps over the lazy dog. " * 40,

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
-from pathlib import Path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the installed `lmfleet` entry point as a user would."""
-    return subprocess.run([sys.executable, "-m", "lmfleet.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the `lmfleet` entry point in this process (as a user would, minus the interpreter start-up):
+    exit status, stdout and stderr as a subprocess would report them."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    sys.argv = ["lmfleet", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            from lmfleet.cli import main
+
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["lmfleet", *args], code, out.getvalue(), err.getvalue())
