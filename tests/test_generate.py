@@ -28,8 +28,8 @@ def test_greedy_matches_hf_generate(model_type, window, tmp_path) -> None:
     ours = list(generate(model, prompt, max_new_tokens=20))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours == out[0, len(prompt):].tolist()
     assert ours == _greedy_without_cache(load_model(tmp_path), prompt, 20)
 

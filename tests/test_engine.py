@@ -1,0 +1,204 @@
+"""The engine against Hugging Face generate, and its block accounting against hand-counted blocks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from lmfleet.engine import LLMEngine, SamplingParams
+from lmfleet.errors import ConfigError
+from lmfleet.model import ModelConfig, build_model, save_model
+
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def model_and_hf(tmp_path_factory):
+    config = ModelConfig.from_flavor("debug", tie_word_embeddings=False, max_position_embeddings=256)
+    model = build_model(config, seed=3)
+    path = tmp_path_factory.mktemp("engine") / "model"
+    save_model(model, path)
+    return model, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1024) for _ in range(rng.randint(2, 70))] for _ in range(16)]
+    prompts[5] = prompts[2][:40] + [7, 8, 9]  # shares a prefix with another prompt
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(model_and_hf, prompts):
+    _, hf = model_and_hf
+    outputs = []
+    with torch.no_grad():
+        for p in prompts:  # one prompt at a time: no padding effects in the reference
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outputs.append(out[0, len(p):].tolist())
+    return outputs
+
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("settings_", [
+    dict(),
+    dict(enable_prefix_caching=False),
+    dict(max_num_batched_tokens=24),  # chunked prefill across several steps
+    dict(enable_chunked_prefill=False, max_num_batched_tokens=64),
+    dict(num_blocks=10, max_num_batched_tokens=64),  # a pool this small must preempt
+    dict(max_num_seqs=3, block_size=4),
+], ids=["default", "no-prefix-cache", "chunked", "no-chunking", "preemption", "few-seqs-small-blocks"])
+def test_greedy_matches_hf_one_at_a_time(model_and_hf, prompts, hf_greedy, settings_) -> None:
+    model, _ = model_and_hf
+    engine = LLMEngine(model, **settings_)
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == hf_greedy
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert engine.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
+    if "num_blocks" in settings_:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_sliding_window_model_matches_hf(tmp_path) -> None:
+    config = ModelConfig.from_flavor("debug", model_type="mistral", sliding_window=8, tie_word_embeddings=False)
+    model = build_model(config, seed=5)
+    save_model(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [[(i * 37 + j * 11) % 1000 for j in range(n)] for i, n in enumerate((3, 9, 20, 33))]
+    engine = LLMEngine(model, max_num_batched_tokens=16, block_size=4)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    with torch.no_grad():
+        for p, out in zip(prompts, outputs):
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert out.token_ids == ref[0, len(p):].tolist()
+
+
+def test_seeded_sampling_alone_equals_in_batch(model_and_hf, prompts) -> None:
+    model, _ = model_and_hf
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01, seed=1234,
+                            repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2, ignore_eos=True)
+    alone = LLMEngine(model).generate([prompts[3]], params)[0].token_ids
+    others = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    batch = LLMEngine(model).generate(prompts[:3] + [prompts[3]] + prompts[4:], [others] * 3 + [params] + [others] * 12)
+    assert batch[3].token_ids == alone
+    again = LLMEngine(model).generate([prompts[3]], SamplingParams(**{**params.__dict__, "seed": 99}))[0].token_ids
+    assert again != alone
+
+
+def test_logprobs_match_hf_log_softmax(model_and_hf, prompts) -> None:
+    model, hf = model_and_hf
+    out = LLMEngine(model).generate([prompts[0]], SamplingParams(max_tokens=5, temperature=0, logprobs=3,
+                                                                 ignore_eos=True))[0]
+    full = torch.tensor([prompts[0] + out.token_ids])
+    with torch.no_grad():
+        reference = hf(full).logits[0].log_softmax(-1)
+    n = len(prompts[0])
+    for i, entry in enumerate(out.outputs[0].logprobs):
+        row = reference[n - 1 + i]
+        assert entry["token_id"] == out.token_ids[i]
+        assert abs(entry["logprob"] - row[entry["token_id"]].item()) <= 1e-4
+        top_ids = [t for t, _ in entry["top"]]
+        assert top_ids == row.topk(3).indices.tolist()
+        assert max(abs(lp - row[t].item()) for t, lp in entry["top"]) <= 1e-4
+
+
+def test_prefix_cache_reuses_blocks(model_and_hf) -> None:
+    model, _ = model_and_hf
+    engine = LLMEngine(model, block_size=4, num_blocks=64)
+    shared = list(range(100, 112))  # exactly 3 blocks of 4
+    first = shared + [1, 2, 3]
+    engine.generate([first], SamplingParams(max_tokens=1, temperature=0))
+    hits_before, free_before = engine.block_manager.prefix_hits, engine.num_free_blocks
+    second = shared + [9, 8, 7, 6, 5]  # 17 tokens: 3 shared blocks + 2 new blocks (5 tokens)
+    engine.add_request(second, SamplingParams(max_tokens=1, temperature=0), request_id="b")
+    batch = engine.scheduler.schedule()
+    seq = batch.seqs[0]
+    assert seq.num_cached_tokens == 12 and batch.num_new_tokens == [5]
+    assert engine.block_manager.prefix_hits - hits_before == 12
+    # Only the two new blocks came out of the free pool (the cached ones were free-but-cached).
+    new_blocks = [b for b in seq.block_table[3:]]
+    assert len(seq.block_table) == 5 and len(new_blocks) == 2
+    assert free_before - engine.num_free_blocks == 5  # 3 cached blocks re-referenced + 2 fresh
+    assert engine.block_manager.blocks[seq.block_table[0]].ref_count == 1
+
+
+def test_stop_strings_across_tokens_and_streaming(model_and_hf, tokenizer) -> None:
+    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size)
+    engine = LLMEngine(build_model(config, seed=11), tokenizer)
+    base = engine.generate(["The quick brown"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    text = base.text
+    # A stop string made of the end of one generated token and the start of the next.
+    ids = base.token_ids
+    pieces = [tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
+    cut = next(i for i in range(2, len(ids)) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+               and len(pieces[i + 1]) - len(pieces[i]) >= 1)
+    stop = pieces[cut][-2:] + pieces[cut + 1][len(pieces[cut]):][:1]
+    assert stop in text
+    engine.add_request("The quick brown", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]),
+                       request_id="s")
+    streamed, final = "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.text.startswith(streamed)
+            assert stop not in out.text
+            streamed = out.text
+            final = out
+    assert final.finished and final.finish_reason == "stop" and final.outputs[0].stop_reason == stop
+    assert final.text == text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ([], SamplingParams(), "prompt is empty"),
+    (list(range(300)), SamplingParams(max_tokens=1), "exceeds the model's context of 256 minus 300"),
+    ([1, 2, 5000], SamplingParams(), "outside the vocabulary"),
+])
+def test_bad_requests(model_and_hf, prompt, params, field) -> None:
+    engine = LLMEngine(model_and_hf[0])
+    with pytest.raises(ValueError, match=field):
+        engine.add_request(prompt, params)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_tokens=0), "max_tokens=0"), (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=-1), "temperature=-1"), (dict(n=0), "n=0"), (dict(logprobs=50), "logprobs=50"),
+])
+def test_bad_sampling_params(kwargs, field) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_pool_never_leaks_over_1000_random_operations() -> None:
+    model = build_model(ModelConfig.from_flavor("debug", num_hidden_layers=1), seed=0)
+    engine = LLMEngine(model, num_blocks=24, block_size=4, max_num_batched_tokens=32, max_num_seqs=4)
+    rng = random.Random(7)
+    live: list[str] = []
+    for _ in range(1000):
+        op = rng.choice(["add", "add", "abort", "step", "step", "step"])
+        if op == "add":
+            prompt = [rng.randrange(1000) for _ in range(rng.randint(1, 40))]
+            params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=rng.choice([0.0, 0.8]),
+                                    n=rng.choice([1, 1, 2]), seed=rng.randrange(100))
+            live.append(engine.add_request(prompt, params))
+        elif op == "abort" and live:
+            assert engine.abort(live.pop(rng.randrange(len(live))))
+        else:
+            for out in engine.step():
+                if out.finished:
+                    live.remove(out.request_id)
+        in_use = {b for s in engine.scheduler.running for b in s.block_table}
+        assert sum(b.ref_count for b in engine.block_manager.blocks) == sum(
+            len(s.block_table) for s in engine.scheduler.running)
+        assert engine.num_free_blocks + len(in_use) == 24
+        assert not any(s.block_table for s in engine.scheduler.waiting)
+    for request_id in list(live):
+        engine.abort(request_id)
+    assert engine.num_free_blocks == 24 and not engine.scheduler.has_unfinished()
