@@ -202,3 +202,39 @@ def test_pool_never_leaks_over_1000_random_operations() -> None:
     for request_id in list(live):
         engine.abort(request_id)
     assert engine.num_free_blocks == 24 and not engine.scheduler.has_unfinished()
+
+
+def test_async_engine_streams_match_offline_and_abort_frees(model_and_hf, prompts, hf_greedy) -> None:
+    import asyncio
+
+    from lmfleet.engine import AsyncLLMEngine
+
+    model, _ = model_and_hf
+    engine = AsyncLLMEngine(LLMEngine(model, num_blocks=64, block_size=4))
+
+    async def collect(prompt):
+        tokens, last = [], None
+        async for out in engine.generate(prompt, GREEDY):
+            tokens += out.outputs[0].delta_token_ids
+            last = out
+        assert last.finished and tokens == last.token_ids
+        timings = last.metrics
+        assert timings["arrival_time"] <= timings["first_token_time"] <= timings["finished_time"]
+        return tokens
+
+    async def drop_early(prompt):
+        stream = engine.generate(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        async for out in stream:
+            if len(out.token_ids) >= 3:
+                break
+        await stream.aclose()
+
+    async def main():
+        results = await asyncio.gather(*(collect(p) for p in prompts[:6]), drop_early(prompts[7]))
+        return results[:6]
+
+    try:
+        assert asyncio.run(main()) == hf_greedy[:6]
+        assert engine.engine.num_free_blocks == 64 and not engine.engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()

@@ -250,8 +250,11 @@ class LLMEngine:
         request = self.requests[request_id]
         outputs = []
         for seq in request.seqs:
-            out = CompletionOutput(seq.index, seq.output_token_ids, seq.text, seq.finish_reason, seq.stop_reason,
-                                   seq.logprobs if seq.params.logprobs is not None else None)
+            tokens = seq.output_token_ids
+            out = CompletionOutput(seq.index, tokens, seq.text, seq.finish_reason, seq.stop_reason,
+                                   seq.logprobs if seq.params.logprobs is not None else None,
+                                   delta_text=seq.text[seq.sent_text:], delta_token_ids=tokens[seq.sent_tokens:])
+            seq.sent_text, seq.sent_tokens = len(seq.text), len(tokens)
             outputs.append(out)
         finished = all(s.is_finished for s in request.seqs)
         first = request.seqs[0]

@@ -46,6 +46,8 @@ class Sequence:
     text: str = ""
     pending_text: str = ""
     index: int = 0  # which of the n choices of its request
+    sent_text: int = 0  # characters of `text` already reported in an output's delta
+    sent_tokens: int = 0  # output tokens already reported
 
     def __post_init__(self) -> None:
         if not self.token_ids:
