@@ -18,6 +18,10 @@ app = typer.Typer(help="lmfleet: train, compress and serve language models.", no
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Build token corpora from text.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(help="Export a model to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+bench_app = typer.Typer(help="Benchmarks of the engine.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
 out = Console()
@@ -272,6 +276,58 @@ def plot(
     from lmfleet.train.plot import plot_run
 
     out.print(f"wrote {plot_run(run_dir, output)}")
+
+
+# ---- engine ---------------------------------------------------------------------------------------
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    out_file: Annotated[Path, typer.Argument(metavar="OUT.gguf", help="GGUF file to write.")],
+    out_type: Annotated[str, typer.Option("--type", help="F32, F16 or Q8_0.")] = "F16",
+) -> None:
+    """Write a GGUF file for llama.cpp / ollama."""
+    from lmfleet.model.gguf_export import export_gguf
+
+    path = export_gguf(model_dir, out_file, out_type.upper())
+    out.print(f"wrote {path} ({_human_bytes(path.stat().st_size)}, {out_type.upper()})")
+
+
+@bench_app.command("offline")
+def bench_offline(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    num_prompts: Annotated[int, typer.Option(help="Requests to run.")] = 64,
+    input_len_range: Annotated[str, typer.Option(help="Prompt tokens, N or A:B.")] = "32:256",
+    output_len_range: Annotated[str, typer.Option(help="Output tokens, N or A:B.")] = "32:128",
+    prefix_len: Annotated[int, typer.Option(help="Tokens of a prefix shared by every prompt.")] = 0,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Tokens per engine step at most.")] = 2048,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Offline throughput: requests/s, output and total tokens/s, prefix-cache hit rate."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmfleet.engine import LLMEngine
+    from lmfleet.engine.bench import offline_benchmark, parse_range
+
+    input_len = parse_range(input_len_range, "--input-len-range")
+    output_len = parse_range(output_len_range, "--output-len-range")
+    engine = LLMEngine(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       dtype=dtype, device=device)
+    with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("bench", total=num_prompts)
+        result = offline_benchmark(engine, num_prompts, input_len, output_len, prefix_len,
+                                   progress=lambda done, total: bar.update(task, completed=done))
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"offline benchmark: {model_dir}", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+    out.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,166 @@
+"""lmfleet's engine vs Hugging Face `generate`, and batch-1 decode vs the memory-bandwidth bound.
+
+Same weights (the `small` flavor, random init), same requests, same threads, one run:
+  * offline throughput: N requests with varied prompt/output lengths; lmfleet takes them all at once
+    (continuous batching); HF runs them in static batches (left-padded, every batch tried in
+    sizes --hf-batches, the best reported), generating each batch's longest output;
+  * batch-1 greedy decode tokens/s of one request, lmfleet vs HF;
+  * the physical limit: memory bandwidth (a large copy, measured here) / bytes read per token.
+
+    python benchmarks/engine_vs_hf.py                  # CPU, fp32
+    python benchmarks/engine_vs_hf.py --dtype bf16     # CUDA when present
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import torch
+import transformers
+
+from lmfleet.engine import LLMEngine, SamplingParams
+from lmfleet.model import ModelConfig, build_model, save_model
+from lmfleet.model.checkpoint import parse_dtype
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_bandwidth(device: str, nbytes: int = 512 * 1024**2) -> float:
+    """Bytes/s moved by a large copy (read + write counted)."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def hf_static(hf, requests, batch_size: int, device: str) -> float:
+    """Seconds to serve all requests in static batches of `batch_size` (longest output per batch)."""
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        group = requests[i:i + batch_size]
+        width = max(len(p) for p, _ in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (prompt, _) in enumerate(group):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        new = max(n for _, n in group)
+        with torch.inference_mode():
+            hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, eos_token_id=None, pad_token_id=0)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavor", default="small")
+    parser.add_argument("--model-set", action="append", default=[], help="ModelConfig override key=value")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", default="16:128")
+    parser.add_argument("--output-len", default="16:64")
+    parser.add_argument("--hf-batches", default="8,16,32")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
+    config = ModelConfig.from_flavor(args.flavor, **overrides)
+    dtype = parse_dtype(args.dtype)
+    rng = random.Random(0)
+    lo_in, hi_in = map(int, args.input_len.split(":"))
+    lo_out, hi_out = map(int, args.output_len.split(":"))
+    requests = [([rng.randrange(1, config.vocab_size) for _ in range(rng.randint(lo_in, hi_in))],
+                 rng.randint(lo_out, hi_out)) for _ in range(args.num_prompts)]
+    useful = sum(n for _, n in requests)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(build_model(config, seed=0), tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+        engine = LLMEngine(tmp, dtype=dtype, device=args.device, max_num_seqs=max(64, args.num_prompts),
+                           enable_prefix_caching=False)
+
+    def run_engine() -> float:
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
+        start = time.perf_counter()
+        engine.generate([p for p, _ in requests], params)
+        sync(args.device)
+        return time.perf_counter() - start
+
+    run_engine()  # warm-up (allocator, kernels)
+    t_engine = run_engine()
+    hf_times = {}
+    for b in (int(x) for x in args.hf_batches.split(",")):
+        hf_static(hf, requests[:b], b, args.device)  # warm-up at this shape
+        hf_times[b] = hf_static(hf, requests, b, args.device)
+    best_b = min(hf_times, key=hf_times.get)
+
+    prompt = requests[0][0][:32]
+    n = args.decode_tokens
+    one = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    engine.generate([prompt], one)
+    start = time.perf_counter()
+    ours_tokens = engine.generate([prompt], one)[0].token_ids
+    sync(args.device)
+    d_engine = time.perf_counter() - start
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=args.device)
+        hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        start = time.perf_counter()
+        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        sync(args.device)
+        d_hf = time.perf_counter() - start
+    same = ref[0, len(prompt):].tolist() == ours_tokens
+
+    bandwidth = memory_bandwidth(args.device)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    bytes_per_token = config.num_params() * itemsize  # every weight read once per decoded token
+    bound = bandwidth / bytes_per_token
+    machine = (torch.cuda.get_device_name() if args.device == "cuda" else "cpu") + \
+        f", {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    result = {
+        "machine": machine, "flavor": args.flavor, "model_set": args.model_set,
+        "params_M": round(config.num_params() / 1e6, 1), "dtype": args.dtype, "device": args.device,
+        "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+        "engine_output_tok_s": useful / t_engine, "hf_best_batch": best_b,
+        "hf_output_tok_s": {b: useful / t for b, t in hf_times.items()},
+        "throughput_ratio": (useful / t_engine) / (useful / hf_times[best_b]),
+        "decode_tok_s": {"lmfleet": n / d_engine, "hf": n / d_hf}, "decode_ratio": d_hf / d_engine,
+        "greedy_identical_to_hf": same, "memory_bandwidth_GB_s": bandwidth / 1e9,
+        "decode_bound_tok_s": bound, "decode_fraction_of_bound": (n / d_engine) / bound,
+    }
+    print(f"machine: {machine}")
+    print(f"model: {args.flavor} ({result['params_M']}M params), {args.dtype} on {args.device}")
+    print(f"offline, {args.num_prompts} requests (in {args.input_len}, out {args.output_len}), output tok/s:")
+    print(f"  lmfleet engine (continuous batching)   {useful / t_engine:>10,.1f}")
+    for b, t in hf_times.items():
+        print(f"  HF generate, static batches of {b:<3}    {useful / t:>10,.1f}")
+    print(f"  ratio vs best HF                       {result['throughput_ratio']:>10.2f}x   (goal >= 3)")
+    print(f"batch-1 greedy decode, {n} tokens: lmfleet {n / d_engine:,.1f} tok/s, HF {n / d_hf:,.1f} tok/s, "
+          f"ratio {d_hf / d_engine:.2f}x (goal >= 1.5); tokens identical: {same}")
+    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s / {bytes_per_token / 1e6:.0f} MB per token = bound "
+          f"{bound:,.1f} tok/s; lmfleet reaches {result['decode_fraction_of_bound']:.0%} of it")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""`lmfleet bench offline`: throughput of the engine on synthetic requests (like `vllm bench throughput`)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmfleet.engine.engine import LLMEngine
+from lmfleet.engine.params import SamplingParams
+from lmfleet.errors import ConfigError
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":")) if ":" in text else (int(text), int(text))
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} should be N or A:B") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"{name}={text!r} needs 1 <= A <= B")
+    return lo, hi
+
+
+def offline_benchmark(engine: LLMEngine, num_prompts: int, input_len: tuple[int, int],
+                      output_len: tuple[int, int], prefix_len: int = 0, seed: int = 0,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Submit every request at once and run the engine until all finish."""
+    if num_prompts < 1 or prefix_len < 0:
+        raise ConfigError(f"num_prompts={num_prompts} must be >= 1 and prefix_len={prefix_len} >= 0")
+    rng = random.Random(seed)
+    vocab = engine.model.config.vocab_size
+    prefix = [rng.randrange(vocab) for _ in range(prefix_len)]
+    requests = [(prefix + [rng.randrange(vocab) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+                for _ in range(num_prompts)]
+    queries, hits = engine.block_manager.prefix_queries, engine.block_manager.prefix_hits
+    start = time.perf_counter()
+    ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in requests]
+    done, output_tokens = 0, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done += 1
+                output_tokens += len(out.token_ids)
+                if progress:
+                    progress(done, len(ids))
+    elapsed = time.perf_counter() - start
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    queried = engine.block_manager.prefix_queries - queries
+    return {"num_prompts": num_prompts, "elapsed_s": elapsed, "requests_per_s": num_prompts / elapsed,
+            "output_tokens_per_s": output_tokens / elapsed,
+            "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "prefix_cache_hit_rate": (engine.block_manager.prefix_hits - hits) / queried if queried else 0.0,
+            "preemptions": engine.scheduler.num_preemptions}
