@@ -209,6 +209,7 @@ def prepare_corpus(sources: Sequence[str], out: str | os.PathLike, vocab_size: i
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         done = 0

@@ -189,6 +189,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer
     dtype = next(iter(state.values())).dtype
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary one
     try:
         shards = _shards(state, max_shard_bytes)
         metadata = {"format": "pt"}
