@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
@@ -95,7 +96,8 @@ class LLMEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(model, Transformer):
-            self.model = model.eval()
+            # The runner rewrites layers for speed; keep the caller's model as it is.
+            self.model = copy.deepcopy(model).eval()
         else:
             from lmfleet.model.checkpoint import load_model
             from lmfleet.model.tokenizer import load_tokenizer

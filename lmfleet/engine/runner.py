@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmfleet.engine.scheduler import ScheduledBatch
 from lmfleet.model.transformer import Transformer
@@ -88,8 +89,33 @@ class PagedAttention:
         return out
 
 
+class TransposedLinear(nn.Module):
+    """`x @ W^T` with W^T stored contiguous: on CPU, matrix-vector products for decode read the
+    weights about twice as fast this way (measured in benchmarks/engine_vs_hf.py's set-up)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight_t
+        return out if self.bias is None else out + self.bias
+
+
+def transpose_linears(model: nn.Module) -> nn.Module:
+    """Swap every nn.Linear for a TransposedLinear (in place; the model is the engine's own)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, TransposedLinear(child))
+    return model
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+        if model.embed_tokens.weight.device.type == "cpu":
+            transpose_linears(model)
         self.model = model
         self.block_size = block_size
         cfg = model.config
