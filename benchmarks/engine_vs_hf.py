@@ -94,8 +94,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(build_model(config, seed=0), tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+        # A KV cache for every request at once, and no more: HF needs the rest of the memory.
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * \
+            torch.empty(0, dtype=dtype).element_size()
+        kv_bytes = int(1.2 * per_token * sum(len(p) + n + 16 for p, n in requests))
         engine = LLMEngine(tmp, dtype=dtype, device=args.device, max_num_seqs=max(64, args.num_prompts),
-                           enable_prefix_caching=False)
+                           enable_prefix_caching=False, kv_cache_memory=kv_bytes)
 
     def run_engine() -> float:
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
