@@ -238,3 +238,21 @@ def test_async_engine_streams_match_offline_and_abort_frees(model_and_hf, prompt
         assert engine.engine.num_free_blocks == 64 and not engine.engine.has_unfinished_requests()
     finally:
         engine.shutdown()
+
+
+def test_n_choices_share_the_prompt_blocks(model_and_hf) -> None:
+    model, _ = model_and_hf
+    engine = LLMEngine(model, block_size=4, num_blocks=64)
+    prompt = [(i * 13) % 1000 for i in range(37)]
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=3, seed=5,
+                                                           ignore_eos=True))
+    seqs = engine.requests[request_id].seqs
+    engine.step()
+    assert engine.scheduler.running == [seqs[0]]  # the other choices wait for the prompt to be cached
+    done = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done = out
+    assert [s.num_cached_tokens for s in seqs[1:]] == [36, 36]  # 9 full blocks of the 37-token prompt
+    assert len({tuple(o.token_ids) for o in done.outputs}) == 3  # each choice has its own seed
+    assert engine.num_free_blocks == 64

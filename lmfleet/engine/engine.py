@@ -157,6 +157,8 @@ class LLMEngine:
             raise ConfigError(f"request_id {request_id!r} is already in use")
         arrival = arrival_time or time.monotonic()
         seqs = [Sequence(request_id, ids, params, arrival_time=arrival, index=i) for i in range(params.n)]
+        for sibling in seqs[1:]:
+            sibling.leader = seqs[0]
         detoks = [self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else None for _ in seqs]
         self.requests[request_id] = _Request(request_id, ids, seqs, detoks, arrival)
         for seq in seqs:

@@ -92,6 +92,8 @@ class Scheduler:
         for seq in waiting:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if self._waits_for_leader(seq):
+                continue
             self.block_manager.allocate_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > budget and not self.enable_chunked_prefill:
@@ -112,6 +114,13 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Choices 1..n-1 of a request start once choice 0's prompt is cached, to share its blocks."""
+        leader = seq.leader
+        return (leader is not None and self.block_manager.enable_prefix_caching
+                and leader.status == SequenceStatus.RUNNING
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is."""

@@ -48,6 +48,9 @@ class Sequence:
     index: int = 0  # which of the n choices of its request
     sent_text: int = 0  # characters of `text` already reported in an output's delta
     sent_tokens: int = 0  # output tokens already reported
+    # Choice 0 of the same request (for choices 1..n-1): they wait for its prompt to be in the
+    # prefix cache and then share those blocks.
+    leader: Sequence | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
