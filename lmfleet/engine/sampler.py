@@ -58,7 +58,16 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=generator or self.generator)
         return int((probs / noise).argmax())
 
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
+        p = seq.params
+        return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        plain = [self._plain_greedy(seq) for seq in seqs]
+        if all(plain):  # the common serving case: one argmax on the device, one small copy back
+            return [SampleResult(int(t), None) for t in logits.argmax(-1).tolist()]
         logits = logits.float().cpu()
         results = []
         for row, seq in zip(logits, seqs):
