@@ -149,6 +149,8 @@ class LLMEngine:
         if len(ids) + params.max_tokens > capacity:
             raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens={params.max_tokens} exceeds the KV cache "
                               f"({capacity} tokens); raise kv_cache_memory")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.model.config.vocab_size]
         if bad_stop:
             raise ConfigError(f"stop_token_ids {bad_stop} are outside the vocabulary")
