@@ -164,17 +164,14 @@ def generate_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
 ) -> None:
     """Generate text from a prompt (simple sampler with a KV cache; for smoke tests)."""
-    import torch
-
     from lmfleet.model import generate, load_model, load_tokenizer
+    from lmfleet.model.checkpoint import resolve_device
 
     if top_k is not None and top_k <= 0:
         raise ConfigError(f"--top-k={top_k} must be a positive integer")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"--top-p={top_p} must be in (0, 1]")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=resolve_device(device))
     tok = load_tokenizer(model_dir)
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
@@ -242,18 +239,15 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity of a model on a corpus split."""
-    import torch
-
     from lmfleet.compress.evaluate import evaluate_perplexity
     from lmfleet.data.corpus import Corpus
     from lmfleet.model import load_model
+    from lmfleet.model.checkpoint import resolve_device
 
     if seq_len <= 0 or max_tokens <= 0:
         raise ConfigError(f"--seq-len={seq_len} and --max-tokens={max_tokens} must be positive")
     corpus = Corpus(data)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=resolve_device(device))
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"corpus {data} has a vocabulary of {corpus.vocab_size}, larger than the model's "
                           f"{model.config.vocab_size}: it was tokenized for another model")

@@ -8,6 +8,16 @@ import subprocess
 import sys
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A failed command that printed exactly one `error:` line naming the problem, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """Run the `lmfleet` entry point in this process (as a user would, minus the interpreter start-up):
     exit status, stdout and stderr as a subprocess would report them."""

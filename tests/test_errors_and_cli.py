@@ -9,16 +9,7 @@ import pytest
 from lmfleet.errors import CheckpointError, ConfigError
 from lmfleet.model import ModelConfig, build_model, load_model, save_model
 
-from .helpers import run_cli
-
-
-def _assert_one_line_error(result, *needles: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from .helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture
@@ -80,16 +71,16 @@ def test_corrupt_and_mismatched_weights(model_dir) -> None:
 
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, model_dir) -> None:
-    _assert_one_line_error(run_cli("info", str(tmp_path / "absent")), "does not exist")
+    assert_one_line_error(run_cli("info", str(tmp_path / "absent")), "does not exist")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{")
-    _assert_one_line_error(run_cli("generate", str(tmp_path / "bad"), "hi"), "config.json is not valid JSON")
+    assert_one_line_error(run_cli("generate", str(tmp_path / "bad"), "hi"), "config.json is not valid JSON")
     (model_dir / "model.safetensors").write_bytes(b"garbage" * 10)
-    _assert_one_line_error(run_cli("generate", str(model_dir), "hi"), "not a readable safetensors file")
-    _assert_one_line_error(run_cli("init", str(tmp_path / "m"), "--tokenizer", str(model_dir), "--flavor", "debug",
+    assert_one_line_error(run_cli("generate", str(model_dir), "hi"), "not a readable safetensors file")
+    assert_one_line_error(run_cli("init", str(tmp_path / "m"), "--tokenizer", str(model_dir), "--flavor", "debug",
                                    "--set", "hidden_size=100", "--set", "num_attention_heads=3"),
                            "num_attention_heads=3 does not divide hidden_size=100")
-    _assert_one_line_error(run_cli("init", str(tmp_path / "m"), "--tokenizer", str(model_dir), "--flavor", "huge"),
+    assert_one_line_error(run_cli("init", str(tmp_path / "m"), "--tokenizer", str(model_dir), "--flavor", "huge"),
                            "unknown model flavor 'huge'")
 
 

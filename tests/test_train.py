@@ -20,7 +20,7 @@ from lmfleet.model import load_model
 from lmfleet.train.checkpointing import complete_checkpoints, read_meta
 from lmfleet.train.metrics import read_metrics
 
-from .helpers import run_cli
+from .helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -169,24 +169,17 @@ def test_plot_writes_png(ddp_run) -> None:
     assert width > 400 and height > 300
 
 
-def _one_line_error(result, needle: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-
-
 def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.read_text().replace("[optim]\n", "[optim]\nlearning_rate = 1.0\n"))
     result = run_cli("train", str(bad), "--data", str(corpus), "--out", str(tmp_path / "r1"))
-    _one_line_error(result, "optim.learning_rate")
+    assert_one_line_error(result, "optim.learning_rate")
     assert not (tmp_path / "r1").exists()
-    _one_line_error(run_cli("train", str(CONFIG), "--data", str(tmp_path), "--out", str(tmp_path / "r2")),
+    assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(tmp_path), "--out", str(tmp_path / "r2")),
                     "no manifest.json")
-    _one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(tmp_path / "r3"),
+    assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(tmp_path / "r3"),
                             "--nproc", "512"), "--nproc=512 is larger than this machine allows")
-    _one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(tmp_path / "r4"),
+    assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(tmp_path / "r4"),
                             "--set", "model.hidden_size=100", "--set", "model.num_attention_heads=3"),
                     "num_attention_heads=3 does not divide hidden_size=100")
     # Resuming the 2-process DDP run with another world size or model shape.
@@ -194,9 +187,9 @@ def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, tmp_path) -
     shutil.copytree(ddp_run, copy)
     base = ["train", str(CONFIG), "--data", str(corpus), "--out", str(copy), "--set", "batch.micro_batch=4",
             "--steps", str(STEPS), "--resume"]
-    _one_line_error(run_cli(*base, "--nproc", "1"), "written by 2 processes, this run has 1")
-    _one_line_error(run_cli(*base, "--nproc", "2", "--set", "model.num_hidden_layers=2"),
+    assert_one_line_error(run_cli(*base, "--nproc", "1"), "written by 2 processes, this run has 1")
+    assert_one_line_error(run_cli(*base, "--nproc", "2", "--set", "model.num_hidden_layers=2"),
                     "num_hidden_layers (4 vs 2)")
-    _one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(copy)),
+    assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(copy)),
                     "already holds checkpoints")
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_12", "step_6"]

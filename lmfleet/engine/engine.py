@@ -20,6 +20,7 @@ from lmfleet.engine.sampler import Sampler
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sequence import Sequence
 from lmfleet.errors import ConfigError
+from lmfleet.model.checkpoint import resolve_device
 from lmfleet.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from lmfleet.model.transformer import Transformer
 
@@ -93,8 +94,7 @@ class LLMEngine:
                             ("block_size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name}={value} must be >= 1")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         if isinstance(model, Transformer):
             # The runner rewrites layers for speed; keep the caller's model as it is.
             self.model = copy.deepcopy(model).eval()

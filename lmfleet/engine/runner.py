@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfleet.engine.scheduler import ScheduledBatch
-from lmfleet.model.transformer import Transformer
+from lmfleet.model.transformer import Transformer, attention_mask
 
 
 @dataclass
@@ -74,10 +74,7 @@ class PagedAttention:
             ks = k_cache[s.slots].transpose(0, 1)[None]  # [1, KVH, ctx, D]
             vs = v_cache[s.slots].transpose(0, 1)[None]
             q_pos = torch.arange(s.context - s.length, s.context, device=q.device)
-            diff = q_pos[:, None] - torch.arange(s.context, device=q.device)[None, :]
-            mask = diff >= 0
-            if self.window is not None:
-                mask &= diff < self.window
+            mask = attention_mask(q_pos, torch.arange(s.context, device=q.device), self.window)
             out[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, enable_gqa=True)
         if len(self.decode_index):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmfleet.engine.sequence import Sequence
+from lmfleet.model.generate import filter_logits
 
 
 @dataclass
@@ -32,21 +33,6 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         if out:
             ids, counts = torch.tensor(out, dtype=torch.long).unique(return_counts=True)
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
-    return logits
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    if min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     return logits
 
 
