@@ -135,7 +135,9 @@ def main() -> None:
 
     bandwidth = memory_bandwidth(args.device)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    bytes_per_token = config.num_params() * itemsize  # every weight read once per decoded token
+    # Every weight is read once per decoded token, except an untied embedding table (one row).
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    bytes_per_token = (config.num_params() - embedding) * itemsize
     bound = bandwidth / bytes_per_token
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else "cpu") + \
         f", {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -66,6 +66,26 @@ def test_greedy_matches_hf_one_at_a_time(model_and_hf, prompts, hf_greedy, setti
         assert engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("rows", [1, 2, 37])
+def test_runner_fused_and_packed_linears_equal_the_plain_model(rows) -> None:
+    """The engine's copy has q|k|v and gate|up fused and CPU-specific linears (oneDNN-packed, the
+    head row-adaptive); with every bias present its logits equal the plain model's."""
+    import copy
+
+    from lmfleet.engine.runner import prepare_cpu_linears
+    config = ModelConfig.from_flavor("debug", qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=False)
+    model = build_model(config, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    fast = prepare_cpu_linears(copy.deepcopy(model).fuse_projections())
+    assert fast.layers[0].self_attn.qkv_proj is not None and not hasattr(fast.layers[0].mlp, "up_proj")
+    ids = torch.randint(0, config.vocab_size, (1, rows))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
+
+
 def test_sliding_window_model_matches_hf(tmp_path) -> None:
     config = ModelConfig.from_flavor("debug", model_type="mistral", sliding_window=8, tie_word_embeddings=False)
     model = build_model(config, seed=5)

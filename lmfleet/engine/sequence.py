@@ -22,7 +22,7 @@ class SequenceStatus(enum.Enum):
 _counter = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
