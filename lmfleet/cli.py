@@ -287,6 +287,65 @@ def export_gguf_cmd(
     out.print(f"wrote {path} ({_human_bytes(path.stat().st_size)}, {out_type.upper()})")
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accept this key (repeatable); also "
+                                                         "LMFLEET_API_KEY (comma-separated). None: open.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the "
+                                                             "directory name).")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Tokens per engine step at most.")] = 2048,
+    max_queued_requests: Annotated[int, typer.Option(help="Requests waiting beyond the running batch before "
+                                                     "new ones get 429.")] = 512,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache size, e.g. 512MiB, 4GiB (default: "
+                                                           "a share of free memory).")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length cap (default: the model's).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
+    rate_limit: Annotated[Optional[float], typer.Option(help="Requests per second per API key (token bucket); "
+                                                        "over it: 429.")] = None,
+    rate_burst: Annotated[Optional[int], typer.Option(help="Burst size of the rate limit.")] = None,
+    max_body_bytes: Annotated[str, typer.Option(help="Largest request body accepted (413 above).")] = "4MiB",
+    protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")]
+    = False,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
+                                                    "SIGTERM.")] = 30.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with
+    /health, /metrics (Prometheus) and /version."""
+    from lmfleet.serve.app import ServeSettings
+    from lmfleet.serve.auth import load_api_keys
+    from lmfleet.serve.server import check_inputs, parse_size, run_server
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} must be in 1..65535")
+    if max_queued_requests < 0:
+        raise ConfigError(f"--max-queued-requests {max_queued_requests} must be >= 0")
+    keys = load_api_keys(api_key or [], api_key_file)
+    name = served_model_name or Path(model_dir).resolve().name
+    settings = ServeSettings(name, keys, max_queued_requests, parse_size(max_body_bytes, "--max-body-bytes"),
+                             rate_limit, rate_burst, protect_metrics)
+    engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
+                         device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
+                         kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
+    ssl_key, ssl_cert = (str(ssl_keyfile) if ssl_keyfile else None), (str(ssl_certfile) if ssl_certfile else None)
+    check_inputs(model_dir, ssl_key, ssl_cert)
+    scheme = "https" if ssl_certfile else "http"
+    console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1 "
+                  f"({'API key required' if keys else 'no API key'})")
+    run_server(model_dir, settings, engine_kwargs, host, port, ssl_key, ssl_cert, shutdown_timeout, log_level)
+
+
 @bench_app.command("offline")
 def bench_offline(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],

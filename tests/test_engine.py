@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -255,6 +256,10 @@ def test_async_engine_streams_match_offline_and_abort_frees(model_and_hf, prompt
 
     try:
         assert asyncio.run(main()) == hf_greedy[:6]
+        # Aborts reach the step loop through its command queue: wait (bounded) for it to apply them.
+        deadline = time.monotonic() + 5
+        while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.engine.num_free_blocks == 64 and not engine.engine.has_unfinished_requests()
     finally:
         engine.shutdown()

@@ -1,9 +1,17 @@
-"""AsyncLLMEngine: the step loop on a background thread, one async stream per request."""
+"""AsyncLLMEngine: the step loop on a background thread, one async stream per request.
+
+Requests are validated in the caller's thread (reading only the engine's fixed settings) and
+handed to the loop through a queue, as are aborts: an event loop serving HTTP never waits for a
+model step to finish.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence as Seq
 from typing import Any
 
@@ -15,14 +23,49 @@ class EngineDeadError(RuntimeError):
     """The step loop died; the engine takes no more requests."""
 
 
+class RequestStream:
+    """The outputs of one request, as an async iterator. `close()` (or leaving an `async for`
+    early and closing) aborts the request if it has not finished, freeing its blocks."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str):
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        self.engine._streams.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._commands: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
         self._stopped = False
         self.error: BaseException | None = None
+        self.last_step_time = time.monotonic()  # when the loop last finished a step or idled
         self._thread = threading.Thread(target=self._loop, name="lmfleet-engine", daemon=True)
         self._thread.start()
 
@@ -35,65 +78,83 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and self.error is None and not self._stopped
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._queues.get(request_id)
+        target = self._streams.get(request_id)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                self._commands.append(("abort", request_id))
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            kind, payload = self._commands.popleft()
+            if kind == "add":
+                ids, params, request_id, arrival = payload
+                if request_id in self._streams:  # not closed before the loop saw it
+                    self.engine.add_request(ids, params, request_id, arrival, validated=True)
+            else:
+                self.engine.abort(payload)
 
     def _loop(self) -> None:
         while not self._stopped:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                with self._lock:
-                    outputs = self.engine.step()
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.last_step_time = time.monotonic()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self.last_step_time = time.monotonic()
             except BaseException as exc:  # the loop is dead: tell every waiting stream
                 self.error = exc
-                for request_id in list(self._queues):
+                for request_id in list(self._streams):
                     self._deliver(request_id, EngineDeadError(f"engine step failed: {exc!r}"))
                 return
             for out in outputs:
                 self._deliver(out.request_id, out)
 
-    async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (cumulative, with deltas) until it finishes.
-
-        Invalid input raises ValueError before anything is queued; closing the stream early
-        (a client went away) aborts the request and frees its blocks."""
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> RequestStream:
+        """Validate and queue a request (raises ValueError naming the problem, before anything is
+        queued); returns its stream. Call from a running event loop."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            request_id = self.engine.add_request(prompt, params, request_id)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        params = params or SamplingParams()
+        ids = self.engine.validate(prompt, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.append(("add", (ids, params, request_id, time.monotonic())))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return stream
 
-    def abort(self, request_id: str) -> bool:
-        with self._lock:
-            return self.engine.abort(request_id)
+    async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (cumulative, with deltas) until it finishes; closing the
+        stream early (a client went away) aborts the request and frees its blocks."""
+        stream = self.add_request(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.append(("abort", request_id))
+        self._wake.set()
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests accepted and not finished (queued for the loop, waiting or running)."""
+        return len(self._streams)
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            return self.engine.running_status()
+        """Counters and gauges of the engine (read without stopping the loop; a snapshot)."""
+        return {**self.engine.running_status(), **self.engine.stats}
 
     def shutdown(self) -> None:
         self._stopped = True

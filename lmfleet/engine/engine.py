@@ -122,7 +122,7 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
 
     # ---- requests ----------------------------------------------------------------------------
-    def _tokenize(self, prompt: str | Seq[int]) -> list[int]:
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("this engine has no tokenizer: give prompts as token id lists")
@@ -137,11 +137,11 @@ class LLMEngine:
             raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError (ConfigError) for invalid input."""
+    def validate(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> list[int]:
+        """The prompt's token ids, after checking the request fits this engine; raises ValueError
+        (ConfigError) naming the problem. Reads only fixed settings, so any thread may call it."""
         params = params or SamplingParams()
-        ids = self._tokenize(prompt)
+        ids = self.tokenize(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ConfigError(f"max_tokens={params.max_tokens} exceeds the model's context of {self.max_model_len} "
                               f"minus {len(ids)} prompt tokens")
@@ -154,6 +154,15 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.model.config.vocab_size]
         if bad_stop:
             raise ConfigError(f"stop_token_ids {bad_stop} are outside the vocabulary")
+        return ids
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    validated: bool = False) -> str:
+        """Queue a request; returns its id. Raises ValueError (ConfigError) for invalid input.
+        `validated=True`: `prompt` is the id list `validate()` returned for these params."""
+        params = params or SamplingParams()
+        ids = list(prompt) if validated else self.validate(prompt, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ConfigError(f"request_id {request_id!r} is already in use")

@@ -1,0 +1,466 @@
+"""The OpenAI-compatible HTTP API over an AsyncLLMEngine (FastAPI app factory).
+
+    app = build_app(lambda: AsyncLLMEngine(LLMEngine("runs/tiny/final")), ServeSettings("tiny"))
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics, GET /version. Every error is a JSON body in the OpenAI shape
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for client mistakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmfleet import __version__
+from lmfleet.engine import AsyncLLMEngine
+from lmfleet.engine.async_engine import EngineDeadError, RequestStream
+from lmfleet.engine.engine import RequestOutput
+from lmfleet.serve import protocol as P
+from lmfleet.serve.auth import KeyChecker, RateLimiter
+from lmfleet.serve.metrics import ServerMetrics
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    max_queued_requests: int = 512  # requests waiting beyond the running batch before 429
+    max_body_bytes: int = 4 * 1024 * 1024
+    rate_limit: float | None = None  # requests/s per API key (token bucket)
+    rate_burst: int | None = None
+    protect_metrics: bool = False  # require the API key for /metrics too
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}
+_FIELD = re.compile(r"^([a-z_]+)(?:=|\s)")
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a validation message starts with ("max_tokens=0 must be ...")."""
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+class _BodyLimit:
+    """ASGI middleware: bodies over `limit` bytes get 413 before the app reads them."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(error_body(f"request body exceeds the limit of {self.limit} bytes", "invalid_request_error",
+                                     None, "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._reject(send)
+            return await self.app(scope, receive, send)
+        # No length given (chunked): read up to the limit, then replay.
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if total > self.limit:
+                return await self._reject(send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _SSEResponse(StreamingResponse):
+    """A server-sent-event stream that always closes its generator (aborting the engine request)
+    however the response ends: finished, client gone, or cancelled."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several request streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: ServeSettings) -> FastAPI:
+    """The API app. `engine` may be a factory: it is then built on a thread when the app starts,
+    and /health answers 503 until it is ready."""
+    checker = KeyChecker(settings.api_keys)
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    state: dict[str, Any] = {"engine": engine if isinstance(engine, AsyncLLMEngine) else None,
+                             "draining": False, "load_error": None}
+
+    def current_status() -> dict[str, Any]:
+        e = state["engine"]
+        zero = {k: 0 for k in ("running", "waiting", "kv_cache_usage", "prefix_queries", "prefix_hits",
+                               "preemptions", "prompt_tokens", "generation_tokens")}
+        return e.status() if e is not None else zero
+
+    metrics = ServerMetrics(current_status, settings.model_name)
+
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state["engine"] is None:
+            def load() -> None:
+                try:
+                    state["engine"] = engine()
+                except BaseException as exc:  # noqa: BLE001 - reported by /health
+                    state["load_error"] = exc
+            threading.Thread(target=load, name="lmfleet-load", daemon=True).start()
+        yield
+        if state["engine"] is not None:
+            state["engine"].shutdown()
+
+    app = FastAPI(title="lmfleet", version=__version__, lifespan=lifespan)
+    app.state.lmfleet = state
+    app.state.metrics = metrics
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+
+    # ---- errors ----------------------------------------------------------------------------------
+    def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
+                       code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.http_errors.labels(settings.model_name, str(status)).inc()
+        return JSONResponse(error_body(message, type_ or _STATUS_TYPES.get(status, "invalid_request_error"),
+                                       param, code), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                                  code="invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "missing":
+            message = f"{param} is required"
+        elif param:
+            message = f"{param}: {message}"
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+        return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    # ---- guards ----------------------------------------------------------------------------------
+    async def authorize(request: Request) -> str:
+        key_id = "anonymous"
+        if checker.enabled:
+            key_id = checker.identify(request.headers.get("authorization"))
+            if key_id is None:
+                raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+        if limiter is not None:
+            wait = limiter.acquire(key_id)
+            if wait > 0:
+                raise APIError(429, "request rate limit reached for this API key", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return key_id
+
+    def ready_engine() -> AsyncLLMEngine:
+        e = state["engine"]
+        if state["draining"]:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if e is None:
+            raise APIError(503, "the model is still loading" if state["load_error"] is None else
+                           f"the model failed to load: {state['load_error']}", code="not_ready")
+        if not e.is_running:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        return e
+
+    def admit(body: P._SamplingRequest) -> AsyncLLMEngine:
+        if body.model is not None and body.model != settings.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        e = ready_engine()
+        waiting = e.num_unfinished - e.engine.scheduler.max_num_seqs
+        if waiting >= settings.max_queued_requests:
+            raise APIError(429, f"the request queue is full ({settings.max_queued_requests} waiting)",
+                           code="queue_full", headers={"Retry-After": "1"})
+        try:
+            body.check()
+        except P.UnsupportedField as exc:
+            raise APIError(400, str(exc), param=exc.field) from None
+        return e
+
+    def start(e: AsyncLLMEngine, prompts: list[Any], make_params: Callable[[list[int]], Any]) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for prompt in prompts:
+                ids = e.engine.tokenize(prompt)
+                streams.append(e.add_request(ids, make_params(ids)))
+        except ValueError as exc:
+            for s in streams:
+                s.close()
+            raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+        except EngineDeadError as exc:
+            for s in streams:
+                s.close()
+            raise APIError(503, str(exc), code="engine_dead") from None
+        return streams
+
+    def default_max_tokens(e: AsyncLLMEngine, requested: int | None, ids: list[int]) -> int:
+        return requested if requested is not None else max(1, e.engine.max_model_len - len(ids))
+
+    async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in _merge(streams):
+                last[i] = out
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from None
+        return [last[i] for i in range(len(streams))]
+
+    def observe(out: RequestOutput) -> None:
+        metrics.finished(out.metrics, P.finish_reason(out.outputs[0]))
+
+    def total_usage(outs: list[RequestOutput]) -> dict[str, int]:
+        return P.usage(sum(len(o.prompt_token_ids) for o in outs),
+                       sum(len(c.token_ids) for o in outs for c in o.outputs))
+
+    async def stream_events(streams: list[RequestStream], n: int, chunk: Callable[..., dict[str, Any] | None],
+                            finish: Callable[[list[RequestOutput]], list[dict[str, Any]]]) -> AsyncIterator[str]:
+        """SSE: one chunk per choice delta, then the closing chunks, then [DONE]. A failure after
+        the stream started is reported as an error event, never a hang."""
+        finals: dict[int, RequestOutput] = {}
+        last_time: dict[int, float] = {}
+        try:
+            async for i, out in _merge(streams):
+                now = time.monotonic()
+                for c in out.outputs:
+                    index = i * n + c.index
+                    if c.delta_token_ids:
+                        if index in last_time:
+                            gap = (now - last_time[index]) / len(c.delta_token_ids)
+                            for _ in c.delta_token_ids:
+                                metrics.itl.observe(gap)
+                        last_time[index] = now
+                    data = chunk(index, c)
+                    if data is not None:
+                        yield _sse(data)
+                if out.finished:
+                    finals[i] = out
+                    observe(out)
+            for data in finish([finals[i] for i in range(len(streams))]):
+                yield _sse(data)
+            yield _sse("[DONE]")
+        except EngineDeadError as exc:
+            yield _sse(error_body(str(exc), "service_unavailable", None, "engine_dead"))
+            yield _sse("[DONE]")
+
+    # ---- endpoints -------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, key: str = Depends(authorize)) -> Response:
+        e = admit(body)
+        try:
+            prompts = body.prompts()
+        except P.UnsupportedField as exc:
+            raise APIError(400, str(exc), param=exc.field) from None
+        streams = start(e, prompts, lambda ids: body.sampling_params(
+            default_max_tokens(e, body.max_tokens, ids), body.logprobs))
+        request_id, created, tok = P.new_id("cmpl"), int(time.time()), e.engine.tokenizer
+        n = body.n
+
+        def logprobs_of(c: Any, entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any] | None:
+            return P.completion_logprobs(entries, tok, offset) if body.logprobs is not None else None
+
+        if not body.stream:
+            outs = await collect(streams)
+            for out in outs:
+                observe(out)
+            choices = [{"index": i * n + c.index, "text": c.text, "logprobs": logprobs_of(c, c.logprobs or []),
+                        "finish_reason": P.finish_reason(c)} for i, out in enumerate(outs) for c in out.outputs]
+            return JSONResponse(P.envelope("text_completion", request_id, settings.model_name, choices,
+                                           total_usage(outs), created))
+
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets: dict[int, int] = {}
+
+        def chunk(index: int, c: Any) -> dict[str, Any] | None:
+            if not c.delta_text and not c.delta_token_ids and c.finish_reason is None:
+                return None
+            entries = (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids):] if c.delta_token_ids else []
+            lp = logprobs_of(c, entries, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(c.delta_text)
+            return P.envelope("text_completion", request_id, settings.model_name,
+                              [{"index": index, "text": c.delta_text, "logprobs": lp,
+                                "finish_reason": P.finish_reason(c)}], None, created, null_usage=with_usage)
+
+        def finish(outs: list[RequestOutput]) -> list[dict[str, Any]]:
+            return [P.envelope("text_completion", request_id, settings.model_name, [], total_usage(outs),
+                               created)] if with_usage else []
+
+        return _SSEResponse(stream_events(streams, n, chunk, finish), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, key: str = Depends(authorize)) -> Response:
+        e = admit(body)
+        tok = e.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot take chat messages", param="messages")
+        try:
+            ids = tok.apply_chat_template([m.as_template_dict() for m in body.messages],
+                                          add_generation_prompt=body.add_generation_prompt, tokenize=True)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+        streams = start(e, [ids], lambda ids_: body.sampling_params(
+            default_max_tokens(e, body.requested_max_tokens, ids_), body.num_logprobs))
+        request_id, created, n = P.new_id("chatcmpl"), int(time.time()), body.n
+        logprobs_on = body.num_logprobs is not None
+
+        if not body.stream:
+            (out,) = await collect(streams)
+            observe(out)
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": P.chat_logprobs(c.logprobs or [], tok) if logprobs_on else None,
+                        "finish_reason": P.finish_reason(c)} for c in out.outputs]
+            return JSONResponse(P.envelope("chat.completion", request_id, settings.model_name, choices,
+                                           total_usage([out]), created))
+
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        started: set[int] = set()
+
+        def chunk(index: int, c: Any) -> dict[str, Any] | None:
+            delta: dict[str, Any] = {}
+            if index not in started:
+                started.add(index)
+                delta["role"] = "assistant"
+            if c.delta_text or "role" in delta:
+                delta["content"] = c.delta_text
+            if not delta and c.finish_reason is None and not c.delta_token_ids:
+                return None
+            entries = (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids):] if c.delta_token_ids else []
+            lp = P.chat_logprobs(entries, tok) if logprobs_on else None
+            return P.envelope("chat.completion.chunk", request_id, settings.model_name,
+                              [{"index": index, "delta": delta, "logprobs": lp,
+                                "finish_reason": P.finish_reason(c)}], None, created, null_usage=with_usage)
+
+        def finish(outs: list[RequestOutput]) -> list[dict[str, Any]]:
+            return [P.envelope("chat.completion.chunk", request_id, settings.model_name, [], total_usage(outs),
+                               created)] if with_usage else []
+
+        return _SSEResponse(stream_events(streams, n, chunk, finish), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models(key: str = Depends(authorize)) -> dict[str, Any]:
+        e = state["engine"]
+        card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmfleet"}
+        if e is not None:
+            card["max_model_len"] = e.engine.max_model_len
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            ready_engine()
+        except APIError as exc:
+            return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        if settings.protect_metrics:
+            await authorize(request)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    return app
+
+
+def begin_draining(app: FastAPI) -> None:
+    """Stop admitting requests (503) while in-flight ones finish: the first step of a graceful
+    shutdown."""
+    app.state.lmfleet["draining"] = True

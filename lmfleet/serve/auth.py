@@ -1,0 +1,83 @@
+"""API keys and per-key request-rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from lmfleet.errors import ConfigError
+
+API_KEY_ENV = "LMFLEET_API_KEY"  # one key, or several separated by commas
+
+
+def load_api_keys(keys: Iterable[str] = (), key_file: str | Path | None = None,
+                  env: dict[str, str] | None = None) -> list[str]:
+    """Keys from flags, the LMFLEET_API_KEY variable (comma-separated) and a file (one per line,
+    `#` comments). An empty list means the server is open."""
+    env = os.environ if env is None else env
+    found = [k.strip() for k in keys if k.strip()]
+    found += [k.strip() for k in env.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if key_file is not None:
+        path = Path(key_file)
+        if not path.is_file():
+            raise ConfigError(f"--api-key-file {path}: no such file")
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                found.append(line)
+    short = [k for k in found if len(k) < 8]
+    if short:
+        raise ConfigError(f"{len(short)} API key(s) shorter than 8 characters; use longer random keys")
+    return list(dict.fromkeys(found))
+
+
+class KeyChecker:
+    """Constant-time comparison against every configured key (digests of equal length, and every
+    key compared whatever matches, so timing tells nothing about the keys)."""
+
+    def __init__(self, keys: Iterable[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The matching key's id (a short digest prefix) for `Authorization: Bearer KEY`, else None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        digest = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).digest()
+        match = None
+        for known in self._digests:
+            if hmac.compare_digest(known, digest):
+                match = known
+        return match.hex()[:12] if match is not None else None
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests per second sustained, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int | None = None):
+        if rate <= 0:
+            raise ConfigError(f"--rate-limit {rate} must be > 0 requests per second")
+        self.rate = rate
+        self.burst = burst or max(1, int(rate))
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> float:
+        """0.0 if the request may go now, else the seconds until it could."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate

@@ -1,0 +1,202 @@
+"""The OpenAI wire format: request bodies (validated by pydantic) and response builders.
+
+Requests accept the OpenAI fields lmfleet implements plus vLLM's sampling extras (`top_k`, `min_p`,
+`repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`).
+Fields lmfleet does not implement are rejected by name rather than silently ignored when they
+would change the answer (`echo`, `suffix`, `best_of`, `logit_bias`, `tools`, `response_format`);
+unknown fields are ignored, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from lmfleet.engine import SamplingParams
+from lmfleet.engine.engine import CompletionOutput
+
+
+class UnsupportedField(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    # vLLM-style extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    priority: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+
+    def _check_common(self) -> None:
+        if self.logit_bias:
+            raise UnsupportedField("logit_bias", "logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedField("stream_options", "stream_options is only allowed with stream=true")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Raises ValueError (ConfigError) naming the field when a value is out of range."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
+            stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, n=self.n,
+            logprobs=logprobs, priority=self.priority, skip_special_tokens=self.skip_special_tokens)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    max_tokens: Optional[int] = 16
+    echo: bool = False
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    def check(self) -> None:
+        self._check_common()
+        if self.echo:
+            raise UnsupportedField("echo", "echo is not supported")
+        if self.suffix:
+            raise UnsupportedField("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedField("best_of", "best_of different from n is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise UnsupportedField("prompt", "prompt is empty")
+        if isinstance(p[0], int):
+            return [list(p)]  # one prompt of token ids
+        return list(p)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        self._check_common()
+        if self.tools:
+            raise UnsupportedField("tools", "tools (function calling) are not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise UnsupportedField("response_format", "only response_format {\"type\": \"text\"} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs=true")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def chat_logprobs(entries: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
+    """The engine's per-token logprobs in the chat format: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**item(e["token_id"], e["logprob"]),
+                         "top_logprobs": [item(t, lp) for t, lp in e.get("top", [])]} for e in entries]}
+
+
+def completion_logprobs(entries: list[dict[str, Any]], tokenizer: Any, offset: int = 0) -> dict[str, Any]:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for e in entries:
+        text = _token_text(tokenizer, e["token_id"])
+        tokens.append(text)
+        token_logprobs.append(e["logprob"])
+        tops.append({_token_text(tokenizer, t): lp for t, lp in e.get("top", [])})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def finish_reason(output: CompletionOutput) -> str | None:
+    return "stop" if output.finish_reason == "abort" else output.finish_reason
+
+
+def envelope(kind: str, request_id: str, model: str, choices: list[dict[str, Any]],
+             usage_: dict[str, int] | None = None, created: int | None = None,
+             null_usage: bool = False) -> dict[str, Any]:
+    """A response or stream chunk; `null_usage`: carry `"usage": null` (streams that will end with
+    a usage chunk carry it on every chunk)."""
+    body = {"id": request_id, "object": kind, "created": created or int(time.time()), "model": model,
+            "choices": choices}
+    if usage_ is not None or null_usage:
+        body["usage"] = usage_
+    return body

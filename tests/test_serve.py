@@ -1,0 +1,391 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn
+process (and, for limits and readiness, the app in process); answers are checked against
+`LLMEngine` run directly on the same weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
+from lmfleet.model import ModelConfig, build_model, save_model
+from lmfleet.serve import ServeSettings, build_app
+
+from .helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-0123456789"
+NAME = "tiny-chat"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("serve") / "model"
+    save_model(build_model(config, seed=21), path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """The same weights in process: the reference for what the server must answer."""
+    return LLMEngine(model_dir, kv_cache_memory=8 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    cmd = [sys.executable, "-c", "from lmfleet.cli import main; main()", "serve", str(model_dir), "--port", str(port),
+           "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
+           "--max-body-bytes", "1MiB", "--log-level", "warning", "--shutdown-timeout", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not become healthy:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value} for lmfleet samples."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("lmfleet:"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def metric(values: dict[str, float], name: str) -> float:
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The quick brown fox"}]
+
+
+def test_greedy_completion_equals_the_engine(client, engine) -> None:
+    prompt = "def add(a, b):"
+    ref = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == ref.text
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert out.choices[0].finish_reason == ref.finish_reason
+    # Token-id prompts and lists of prompts.
+    ids = engine.tokenizer.encode(prompt)
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == ref.text
+    two = client.completions.create(model=NAME, prompt=[prompt, "class Point:"], max_tokens=5, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text == engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0))[0].text
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(client, engine) -> None:
+    ids = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    ref = engine.generate([ids], SamplingParams(max_tokens=16, temperature=0))[0]
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=16, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == len(ids)
+
+    stream = client.chat.completions.create(model=NAME, messages=MESSAGES, max_completion_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage, reasons = "", None, []
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            reasons.append(chunk.choices[0].finish_reason)
+        else:
+            usage = chunk.usage
+    assert text == ref.text
+    assert reasons[-1] == out.choices[0].finish_reason and all(r is None for r in reasons[:-1])
+    assert usage.model_dump() == out.usage.model_dump() | {"completion_tokens_details": None,
+                                                           "prompt_tokens_details": None}
+
+
+def test_seed_n_and_streaming_agree(client) -> None:
+    kwargs = dict(model=NAME, prompt="The quick", max_tokens=20, temperature=1.0, top_p=0.95, seed=7, n=2,
+                  extra_body={"top_k": 50, "ignore_eos": True})
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text  # the two choices draw differently
+    assert first.usage.completion_tokens == 40
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert [streamed[0], streamed[1]] == [c.text for c in first.choices]
+
+
+def test_stop_strings_and_logprobs(client, engine) -> None:
+    ids = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    full = engine.generate([ids], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].text
+    stop = full[5:8]
+    assert len(stop) == 3 and stop in full
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=24, temperature=0, stop=[stop],
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == full[:full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+    ref = engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, logprobs=3))[0].outputs[0].logprobs
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(ref)
+    for got, want in zip(content, ref):
+        assert got.logprob == pytest.approx(want["logprob"], abs=1e-5)
+        assert got.token == engine.tokenizer.decode([want["token_id"]])
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in want["top"]], abs=1e-5)
+    legacy = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, logprobs=3)
+    assert legacy.choices[0].logprobs.token_logprobs == pytest.approx([e["logprob"] for e in ref], abs=1e-5)
+
+
+def test_models_version_and_health(server, client) -> None:
+    url, _ = server
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(f"{url}/version").json()["version"]
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/v1/models").status_code == 401  # the API needs the key; health and metrics do not
+
+
+def test_64_concurrent_streams_and_consistent_metrics(server) -> None:
+    url, _ = server
+    before = scrape(url)
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> tuple[str, dict]:
+        stream = await aclient.completions.create(model=NAME, prompt=f"request {i}: def f", max_tokens=8 + i % 9,
+                                                  temperature=0.7, seed=i, stream=True,
+                                                  stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return text, usage
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64 and all(usage is not None for _, usage in results)
+    after = scrape(url)
+    prompt = sum(u.prompt_tokens for _, u in results)
+    completion = sum(u.completion_tokens for _, u in results)
+    assert completion == sum(8 + i % 9 for i in range(64))
+    assert metric(after, "lmfleet:prompt_tokens_total") - metric(before, "lmfleet:prompt_tokens_total") == prompt
+    assert metric(after, "lmfleet:generation_tokens_total") - metric(before, "lmfleet:generation_tokens_total") \
+        == completion
+    assert metric(after, "lmfleet:request_success_total") - metric(before, "lmfleet:request_success_total") == 64
+    assert metric(after, "lmfleet:time_to_first_token_seconds_count") - \
+        metric(before, "lmfleet:time_to_first_token_seconds_count") == 64
+    assert metric(after, "lmfleet:num_requests_running") == 0
+
+
+def test_client_dropping_a_stream_frees_its_blocks(server) -> None:
+    url, _ = server
+    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": 200, "stream": True, "ignore_eos": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]  # a few events, then hang up
+        assert any(line.startswith("data: {") for line in received)
+        assert metric(scrape(url), "lmfleet:kv_cache_usage_perc") > 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        values = scrape(url)
+        if metric(values, "lmfleet:kv_cache_usage_perc") == 0 and metric(values, "lmfleet:num_requests_running") == 0:
+            break
+        time.sleep(0.1)
+    values = scrape(url)
+    assert metric(values, "lmfleet:kv_cache_usage_perc") == 0
+    assert metric(values, "lmfleet:num_requests_running") == 0
+
+
+BAD = [
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny-chat", "messages": [', 400, None),
+    ("wrong type", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("missing messages", "/v1/chat/completions", {"model": NAME}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]},
+     400, "messages.0.role"),
+    ("negative max_tokens", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("huge max_tokens", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("prompt over the context", "/v1/completions", {"model": NAME, "prompt": list(range(1, 300)), "max_tokens": 1},
+     400, "max_tokens"),
+    ("n=0", "/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, "n"),
+    ("temperature=-1", "/v1/chat/completions", {"model": NAME, "messages": MESSAGES, "temperature": -1}, 400,
+     "temperature"),
+    ("top_p=0", "/v1/completions", {"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("token id outside the vocabulary", "/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400, "prompt"),
+    ("empty prompt", "/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt"),
+    ("empty token list", "/v1/completions", {"model": NAME, "prompt": [[]]}, 400, "prompt"),
+    ("echo", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, 400, "echo"),
+    ("suffix", "/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("10 MB body", "/v1/completions", {"model": NAME, "prompt": "x" * 10_000_000}, 413, None),
+    ("unknown route", "/v1/embeddings", {"model": NAME, "input": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("case,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error(server, case, path, body, status, param) -> None:
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}{path}", content=data, headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "pydantic" not in error["message"].lower() and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0000000"}, {"Authorization": KEY}],
+                         ids=["no key", "wrong key", "no Bearer"])
+def test_api_key_required(server, headers) -> None:
+    url, _ = server
+    response = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["/no/such/model"], "/no/such/model"),
+    (["MODEL", "--kv-cache-memory", "12XB"], "--kv-cache-memory"),
+    (["MODEL", "--port", "0"], "--port"),
+    (["MODEL", "--ssl-keyfile", "/no/key.pem"], "--ssl-certfile"),
+    (["MODEL", "--api-key", "short"], "shorter than 8"),
+])
+def test_serve_bad_arguments_are_one_line_errors(model_dir, args, needle) -> None:
+
+
+    args = [str(model_dir) if a == "MODEL" else a for a in args]
+    assert_one_line_error(run_cli("serve", *args), needle)
+
+
+def _in_process(model_dir, **settings) -> tuple[AsyncLLMEngine, httpx.Client]:
+    from fastapi.testclient import TestClient
+
+    engine = AsyncLLMEngine(LLMEngine(model_dir, kv_cache_memory=4 * 2**20, max_num_seqs=1))
+    return engine, TestClient(build_app(engine, ServeSettings(NAME, **settings)))
+
+
+def test_queue_full_and_rate_limit_answer_429(model_dir) -> None:
+    engine, client = _in_process(model_dir, max_queued_requests=0)
+    try:
+        long = {"model": NAME, "prompt": "x", "max_tokens": 150, "ignore_eos": True, "temperature": 0}
+        results = {}
+        first = threading.Thread(target=lambda: results.setdefault("first", client.post("/v1/completions", json=long)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while engine.num_unfinished == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = client.post("/v1/completions", json={"model": NAME, "prompt": "y", "max_tokens": 2})
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        assert busy.json()["error"]["code"] == "queue_full"
+        first.join()
+        assert results["first"].status_code == 200
+    finally:
+        engine.shutdown()
+
+    engine, client = _in_process(model_dir, api_keys=[KEY], rate_limit=0.5, rate_burst=2)
+    try:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        codes = [client.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1},
+                             headers=headers) for _ in range(3)]
+        assert [c.status_code for c in codes] == [200, 200, 429]
+        assert int(codes[2].headers["Retry-After"]) >= 1
+    finally:
+        engine.shutdown()
+
+
+def test_health_is_503_while_loading(model_dir) -> None:
+    from fastapi.testclient import TestClient
+
+    release = threading.Event()
+
+    def slow_factory() -> AsyncLLMEngine:
+        release.wait(30)
+        return AsyncLLMEngine(LLMEngine(model_dir, kv_cache_memory=4 * 2**20))
+
+    with TestClient(build_app(slow_factory, ServeSettings(NAME))) as client:
+        response = client.get("/health")
+        assert response.status_code == 503 and "loading" in response.json()["reason"]
+        busy = client.post("/v1/completions", json={"model": NAME, "prompt": "x"})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "not_ready"
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 200
+
+
+def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
+    """Last test of the module: it stops the shared server."""
+    url, proc = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    result = {}
+
+    def long_request() -> None:
+        stream = client.completions.create(model=NAME, prompt="The", max_tokens=200, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        text, reason = "", None
+        for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        result["reason"] = reason
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while metric(scrape(url), "lmfleet:num_requests_running") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    worker.join(timeout=60)
+    assert result.get("reason") == "length"  # all 200 tokens arrived
+    assert proc.wait(timeout=30) == 0
