@@ -383,6 +383,57 @@ def bench_offline(
     out.print(table)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server.")] = "http://127.0.0.1:8000",
+    num_prompts: Annotated[int, typer.Option(help="Requests to send.")] = 100,
+    concurrency: Annotated[Optional[int], typer.Option(help="Closed loop: requests in flight at most.")] = None,
+    request_rate: Annotated[Optional[float], typer.Option(help="Open loop: Poisson arrivals, requests/s.")] = None,
+    dataset: Annotated[str, typer.Option(help="random, or prefix (shared prefixes, see --prefix-len).")] = "random",
+    input_len_range: Annotated[str, typer.Option(help="Prompt tokens (after any prefix), N or A:B.")] = "32:256",
+    output_len_range: Annotated[str, typer.Option(help="Output tokens, N or A:B.")] = "32:128",
+    prefix_len: Annotated[int, typer.Option(help="Tokens of each shared prefix (--dataset prefix).")] = 256,
+    num_prefixes: Annotated[int, typer.Option(help="Distinct shared prefixes (--dataset prefix).")] = 4,
+    token_id_range: Annotated[str, typer.Option(help="Prompt token ids drawn from [A, B).")] = "100:1000",
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream (TTFT and ITL need it).")] = True,
+    model: Annotated[Optional[str], typer.Option(help="Model id (default: the server's first).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="API key (default: LMFLEET_API_KEY).",
+                                                   envvar="LMFLEET_API_KEY")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic requests.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Serving benchmark over HTTP: TTFT, TPOT, ITL, end-to-end latency, throughput, failures."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmfleet.engine.bench import parse_range
+    from lmfleet.serve.bench import BenchConfig, run_benchmark
+
+    lo, hi = parse_range(token_id_range, "--token-id-range")
+    cfg = BenchConfig(url, num_prompts, concurrency, request_rate, dataset,
+                      parse_range(input_len_range, "--input-len-range"),
+                      parse_range(output_len_range, "--output-len-range"), prefix_len, num_prefixes,
+                      (lo, hi), stream, model, api_key, seed)
+    with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("bench", total=num_prompts)
+        result = asyncio.run(run_benchmark(cfg, lambda done, total: bar.update(task, completed=done)))
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"serving benchmark: {url} ({result['model']})", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:,.2f}"
+        table.add_row(key, str(value))
+    out.print(table)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
     try:

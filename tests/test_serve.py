@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
+from lmfleet.engine.bench import synthetic_requests
 from lmfleet.model import ModelConfig, build_model, save_model
 from lmfleet.serve import ServeSettings, build_app
 
@@ -292,6 +293,26 @@ def test_api_key_required(server, headers) -> None:
     response = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_bench_serve_measures_the_server(server) -> None:
+    url, _ = server
+    result = run_cli("bench", "serve", "--url", url, "--api-key", KEY, "--num-prompts", "8", "--concurrency", "4",
+                     "--input-len-range", "4:12", "--output-len-range", "3:6", "--token-id-range", "10:300", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    expected = synthetic_requests(8, (4, 12), (3, 6), (10, 300), seed=0)
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["output_tokens"] == sum(n for _, n in expected)  # ignore_eos: every asked token
+    assert summary["prompt_tokens"] == sum(len(p) for p, _ in expected)
+    assert 0 < summary["ttft_s"]["median"] <= summary["e2e_latency_s"]["median"]
+    assert summary["ttft_s"]["p99"] >= summary["ttft_s"]["median"]
+    assert summary["output_token_throughput"] > 0
+    # Bad settings are one-line errors; a wrong key counts as failed requests, not a crash.
+    assert_one_line_error(run_cli("bench", "serve", "--url", url, "--num-prompts", "2"), "--concurrency")
+    denied = run_cli("bench", "serve", "--url", url, "--api-key", "wrong-key-000000", "--model", NAME,
+                     "--num-prompts", "2", "--concurrency", "2", "--token-id-range", "10:300", "--json")
+    assert json.loads(denied.stdout)["failed"] == 2
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -22,17 +22,26 @@ def parse_range(text: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
+def synthetic_requests(num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                       token_range: tuple[int, int], prefix_len: int = 0, num_prefixes: int = 1,
+                       seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) pairs: random ids in [token_range), each prompt starting
+    with one of `num_prefixes` shared prefixes of `prefix_len` tokens, then its own random part."""
+    rng = random.Random(seed)
+    lo, hi = token_range
+    prefixes = [[rng.randrange(lo, hi) for _ in range(prefix_len)] for _ in range(max(1, num_prefixes))]
+    return [(rng.choice(prefixes) + [rng.randrange(lo, hi) for _ in range(rng.randint(*input_len))],
+             rng.randint(*output_len)) for _ in range(num_prompts)]
+
+
 def offline_benchmark(engine: LLMEngine, num_prompts: int, input_len: tuple[int, int],
                       output_len: tuple[int, int], prefix_len: int = 0, seed: int = 0,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Submit every request at once and run the engine until all finish."""
     if num_prompts < 1 or prefix_len < 0:
         raise ConfigError(f"num_prompts={num_prompts} must be >= 1 and prefix_len={prefix_len} >= 0")
-    rng = random.Random(seed)
-    vocab = engine.model.config.vocab_size
-    prefix = [rng.randrange(vocab) for _ in range(prefix_len)]
-    requests = [(prefix + [rng.randrange(vocab) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
-                for _ in range(num_prompts)]
+    requests = synthetic_requests(num_prompts, input_len, output_len, (0, engine.model.config.vocab_size),
+                                  prefix_len, num_prefixes=1, seed=seed)
     queries, hits = engine.block_manager.prefix_queries, engine.block_manager.prefix_hits
     start = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in requests]
