@@ -20,11 +20,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Build the corpus and tokenizer from the Python standard library, train the tiny model with 2
-# data-parallel workers (both cached once done), evaluate it, plot its loss and generate from it.
+# data-parallel workers (both cached once done), evaluate it, plot its loss, generate from it, then
+# serve it over the OpenAI API on 127.0.0.1:$(PORT) until Ctrl-C.
+PORT ?= 8000
 quickstart: install $(QS)/tiny/final/config.json
 	$(LMFLEET) eval $(QS)/tiny/final --data $(QS)/corpus
 	$(LMFLEET) plot $(QS)/tiny
 	$(LMFLEET) generate $(QS)/tiny/final "def fibonacci(n):" --max-tokens 48 --temperature 0.7 --seed 0
+	@echo ""
+	@echo "Serving the model on http://127.0.0.1:$(PORT)/v1 (Ctrl-C stops it). Try, in another shell:"
+	@echo "  curl -s 127.0.0.1:$(PORT)/v1/completions -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"model\": \"tiny\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 48}'"
+	@echo "  $(PY) -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:$(PORT)/v1', api_key='-'); \\"
+	@echo "      print(c.completions.create(model='tiny', prompt='import os', max_tokens=32).choices[0].text)\""
+	@echo "  $(LMFLEET) bench serve --url http://127.0.0.1:$(PORT) --num-prompts 32 --concurrency 8 --token-id-range 100:8000"
+	@echo ""
+	$(LMFLEET) serve $(QS)/tiny/final --served-model-name tiny --port $(PORT)
 
 $(QS)/corpus/manifest.json: | install
 	$(LMFLEET) data prepare --source stdlib --out $(QS)/corpus --vocab-size 8192 --val-fraction 0.03
