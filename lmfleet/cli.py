@@ -317,6 +317,8 @@ def serve(
     = False,
     ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain.")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
+                                                     "(same host, keys and limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
                                                     "SIGTERM.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -333,16 +335,23 @@ def serve(
         raise ConfigError(f"--max-queued-requests {max_queued_requests} must be >= 0")
     keys = load_api_keys(api_key or [], api_key_file)
     name = served_model_name or Path(model_dir).resolve().name
+    if grpc_port is not None:
+        if not 0 < grpc_port < 65536 or grpc_port == port:
+            raise ConfigError(f"--grpc-port {grpc_port} must be in 1..65535 and differ from --port")
+        from lmfleet.serve.grpc_server import load_protos
+
+        load_protos()  # the grpc extra is installed, or a clear error now
+    ssl_key, ssl_cert = (str(ssl_keyfile) if ssl_keyfile else None), (str(ssl_certfile) if ssl_certfile else None)
     settings = ServeSettings(name, keys, max_queued_requests, parse_size(max_body_bytes, "--max-body-bytes"),
-                             rate_limit, rate_burst, protect_metrics)
+                             rate_limit, rate_burst, protect_metrics, grpc_port, host, ssl_key, ssl_cert)
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
-    ssl_key, ssl_cert = (str(ssl_keyfile) if ssl_keyfile else None), (str(ssl_certfile) if ssl_certfile else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     scheme = "https" if ssl_certfile else "http"
-    console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1 "
-                  f"({'API key required' if keys else 'no API key'})")
+    console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1"
+                  + (f" and gRPC {host}:{grpc_port}" if grpc_port else "")
+                  + f" ({'API key required' if keys else 'no API key'})")
     run_server(model_dir, settings, engine_kwargs, host, port, ssl_key, ssl_cert, shutdown_timeout, log_level)
 
 

@@ -52,10 +52,15 @@ def engine(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def grpc_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, grpc_port):
     port = free_port()
     cmd = [sys.executable, "-c", "from lmfleet.cli import main; main()", "serve", str(model_dir), "--port", str(port),
-           "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
+           "--grpc-port", str(grpc_port), "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
            "--max-body-bytes", "1MiB", "--log-level", "warning", "--shutdown-timeout", "30"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -384,6 +389,54 @@ def test_health_is_503_while_loading(model_dir) -> None:
         while client.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.get("/health").status_code == 200
+
+
+def test_grpc_streams_the_same_tokens_as_http(server, grpc_port, client, engine) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lmfleet.serve.grpc_server import load_protos
+
+    pb, services = load_protos()
+    prompt = "def add(a, b):"
+    ref = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, logprobs=2))[0]
+    http = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    auth = (("authorization", f"Bearer {KEY}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = services.GenerationStub(channel)
+        request = pb.GenerateRequest(model=NAME, text=prompt,
+                                     sampling=pb.SamplingOptions(max_tokens=12, temperature=0, logprobs=2))
+        replies = list(stub.Generate(request, metadata=auth, timeout=60))
+        tokens = [t for r in replies for t in r.token_ids]
+        assert tokens == ref.token_ids
+        assert "".join(r.text for r in replies) == http.choices[0].text == ref.text
+        last = replies[-1]
+        assert last.finish_reason == "length" and all(not r.finish_reason for r in replies[:-1])
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_token_ids), 12)
+        logprobs = [lp for r in replies for lp in r.logprobs]
+        assert [lp.logprob for lp in logprobs] == pytest.approx([e["logprob"] for e in ref.outputs[0].logprobs],
+                                                                abs=1e-5)
+        by_ids = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ref.prompt_token_ids),
+                                                  sampling=pb.SamplingOptions(max_tokens=12, temperature=0)),
+                               metadata=auth, timeout=60)
+        assert [t for r in by_ids for t in r.token_ids] == ref.token_ids
+        assert [m.id for m in stub.Models(pb.ModelsRequest(), metadata=auth).models] == [NAME]
+
+        with pytest.raises(grpc.RpcError) as bad:
+            list(stub.Generate(pb.GenerateRequest(text=prompt, sampling=pb.SamplingOptions(top_p=1.5)),
+                               metadata=auth, timeout=30))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            list(stub.Generate(pb.GenerateRequest(sampling=pb.SamplingOptions(max_tokens=2)), metadata=auth))
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as denied:
+            list(stub.Generate(request, timeout=30))
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as unknown:
+            list(stub.Generate(pb.GenerateRequest(model="gpt-9", text="x"), metadata=auth, timeout=30))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,10 @@ class ServeSettings:
     rate_limit: float | None = None  # requests/s per API key (token bucket)
     rate_burst: int | None = None
     protect_metrics: bool = False  # require the API key for /metrics too
+    grpc_port: int | None = None  # also serve the lmfleet.v1 gRPC API on this port
+    grpc_host: str = "127.0.0.1"
+    ssl_keyfile: str | None = None  # TLS for the gRPC port too, when set
+    ssl_certfile: str | None = None
 
 
 class APIError(Exception):
@@ -164,37 +169,114 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             stream.close()
 
 
+class Frontend:
+    """What every protocol front (HTTP, gRPC) shares: the engine slot, keys, limits, admission
+    and request start-up. Failures are APIErrors; each front maps them to its own status codes."""
+
+    def __init__(self, engine: AsyncLLMEngine | None, settings: ServeSettings):
+        self.engine, self.settings = engine, settings
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.checker = KeyChecker(settings.api_keys)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+        self.metrics = ServerMetrics(self.status, settings.model_name)
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {k: 0 for k in ("running", "waiting", "kv_cache_usage", "prefix_queries", "prefix_hits",
+                                   "preemptions", "prompt_tokens", "generation_tokens")}
+        return self.engine.status()
+
+    def authorize(self, authorization: str | None) -> str:
+        """The caller's key id; 401 without a valid key (when keys are set), 429 over the rate."""
+        key_id = "anonymous"
+        if self.checker.enabled:
+            key_id = self.checker.identify(authorization)
+            if key_id is None:
+                raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+        if self.limiter is not None:
+            wait = self.limiter.acquire(key_id)
+            if wait > 0:
+                raise APIError(429, "request rate limit reached for this API key", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return key_id
+
+    def ready_engine(self) -> AsyncLLMEngine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.engine is None:
+            raise APIError(503, "the model is still loading" if self.load_error is None else
+                           f"the model failed to load: {self.load_error}", code="not_ready")
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        return self.engine
+
+    def admit(self, model: str | None) -> AsyncLLMEngine:
+        """The engine, if a request may start now: the right model, engine ready, queue not full."""
+        if model is not None and model != self.settings.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.settings.model_name!r}",
+                           param="model", code="model_not_found")
+        e = self.ready_engine()
+        waiting = e.num_unfinished - e.engine.scheduler.max_num_seqs
+        if waiting >= self.settings.max_queued_requests:
+            raise APIError(429, f"the request queue is full ({self.settings.max_queued_requests} waiting)",
+                           code="queue_full", headers={"Retry-After": "1"})
+        return e
+
+    @staticmethod
+    def start(e: AsyncLLMEngine, prompts: list[Any], make_params: Callable[[list[int]], Any]) -> list[RequestStream]:
+        """Tokenize, validate and queue every prompt (all or none); 400 names the bad field."""
+        streams: list[RequestStream] = []
+        try:
+            for prompt in prompts:
+                ids = e.engine.tokenize(prompt)
+                streams.append(e.add_request(ids, make_params(ids)))
+        except ValueError as exc:
+            for s in streams:
+                s.close()
+            raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+        except EngineDeadError as exc:
+            for s in streams:
+                s.close()
+            raise APIError(503, str(exc), code="engine_dead") from None
+        return streams
+
+    @staticmethod
+    def default_max_tokens(e: AsyncLLMEngine, requested: int | None, ids: list[int]) -> int:
+        """An unset max_tokens means the rest of the context."""
+        return requested if requested is not None else max(1, e.engine.max_model_len - len(ids))
+
+
 def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: ServeSettings) -> FastAPI:
     """The API app. `engine` may be a factory: it is then built on a thread when the app starts,
     and /health answers 503 until it is ready."""
-    checker = KeyChecker(settings.api_keys)
-    limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
-    state: dict[str, Any] = {"engine": engine if isinstance(engine, AsyncLLMEngine) else None,
-                             "draining": False, "load_error": None}
-
-    def current_status() -> dict[str, Any]:
-        e = state["engine"]
-        zero = {k: 0 for k in ("running", "waiting", "kv_cache_usage", "prefix_queries", "prefix_hits",
-                               "preemptions", "prompt_tokens", "generation_tokens")}
-        return e.status() if e is not None else zero
-
-    metrics = ServerMetrics(current_status, settings.model_name)
+    front = Frontend(engine if isinstance(engine, AsyncLLMEngine) else None, settings)
+    metrics = front.metrics
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state["engine"] is None:
+        if front.engine is None:
             def load() -> None:
                 try:
-                    state["engine"] = engine()
+                    front.engine = engine()
                 except BaseException as exc:  # noqa: BLE001 - reported by /health
-                    state["load_error"] = exc
+                    front.load_error = exc
+                    print(f"error: the model failed to load: {exc}", file=sys.stderr, flush=True)
             threading.Thread(target=load, name="lmfleet-load", daemon=True).start()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from lmfleet.serve.grpc_server import start_grpc
+
+            grpc_server = await start_grpc(front, settings.grpc_host, settings.grpc_port, settings.ssl_keyfile,
+                                           settings.ssl_certfile)
         yield
-        if state["engine"] is not None:
-            state["engine"].shutdown()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+        if front.engine is not None:
+            front.engine.shutdown()
 
     app = FastAPI(title="lmfleet", version=__version__, lifespan=lifespan)
-    app.state.lmfleet = state
-    app.state.metrics = metrics
+    app.state.front = front
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
 
     # ---- errors ----------------------------------------------------------------------------------
@@ -234,63 +316,17 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 
     # ---- guards ----------------------------------------------------------------------------------
     async def authorize(request: Request) -> str:
-        key_id = "anonymous"
-        if checker.enabled:
-            key_id = checker.identify(request.headers.get("authorization"))
-            if key_id is None:
-                raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-        if limiter is not None:
-            wait = limiter.acquire(key_id)
-            if wait > 0:
-                raise APIError(429, "request rate limit reached for this API key", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        return key_id
-
-    def ready_engine() -> AsyncLLMEngine:
-        e = state["engine"]
-        if state["draining"]:
-            raise APIError(503, "the server is shutting down", code="shutting_down")
-        if e is None:
-            raise APIError(503, "the model is still loading" if state["load_error"] is None else
-                           f"the model failed to load: {state['load_error']}", code="not_ready")
-        if not e.is_running:
-            raise APIError(503, "the engine is not running", code="engine_dead")
-        return e
+        return front.authorize(request.headers.get("authorization"))
 
     def admit(body: P._SamplingRequest) -> AsyncLLMEngine:
-        if body.model is not None and body.model != settings.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
-                           param="model", code="model_not_found")
-        e = ready_engine()
-        waiting = e.num_unfinished - e.engine.scheduler.max_num_seqs
-        if waiting >= settings.max_queued_requests:
-            raise APIError(429, f"the request queue is full ({settings.max_queued_requests} waiting)",
-                           code="queue_full", headers={"Retry-After": "1"})
+        e = front.admit(body.model)
         try:
             body.check()
         except P.UnsupportedField as exc:
             raise APIError(400, str(exc), param=exc.field) from None
         return e
 
-    def start(e: AsyncLLMEngine, prompts: list[Any], make_params: Callable[[list[int]], Any]) -> list[RequestStream]:
-        streams: list[RequestStream] = []
-        try:
-            for prompt in prompts:
-                ids = e.engine.tokenize(prompt)
-                streams.append(e.add_request(ids, make_params(ids)))
-        except ValueError as exc:
-            for s in streams:
-                s.close()
-            raise APIError(400, str(exc), param=_param_of(str(exc))) from None
-        except EngineDeadError as exc:
-            for s in streams:
-                s.close()
-            raise APIError(503, str(exc), code="engine_dead") from None
-        return streams
-
-    def default_max_tokens(e: AsyncLLMEngine, requested: int | None, ids: list[int]) -> int:
-        return requested if requested is not None else max(1, e.engine.max_model_len - len(ids))
+    start, default_max_tokens = front.start, front.default_max_tokens
 
     async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
@@ -433,7 +469,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 
     @app.get("/v1/models")
     async def models(key: str = Depends(authorize)) -> dict[str, Any]:
-        e = state["engine"]
+        e = front.engine
         card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmfleet"}
         if e is not None:
             card["max_model_len"] = e.engine.max_model_len
@@ -442,7 +478,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
     @app.get("/health")
     async def health() -> Response:
         try:
-            ready_engine()
+            front.ready_engine()
         except APIError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -450,7 +486,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         if settings.protect_metrics:
-            await authorize(request)
+            front.authorize(request.headers.get("authorization"))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/version")
@@ -463,4 +499,4 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 def begin_draining(app: FastAPI) -> None:
     """Stop admitting requests (503) while in-flight ones finish: the first step of a graceful
     shutdown."""
-    app.state.lmfleet["draining"] = True
+    app.state.front.draining = True
