@@ -439,6 +439,73 @@ def test_grpc_streams_the_same_tokens_as_http(server, grpc_port, client, engine)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _self_signed(directory) -> tuple[str, str]:
+    """A key and a certificate for 127.0.0.1, made here (nothing downloaded)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(key_path), str(cert_path)
+
+
+def test_tls_on_http_and_grpc(model_dir, tmp_path) -> None:
+    import grpc
+
+    from lmfleet.serve.grpc_server import load_protos
+
+    import ssl
+
+    key, cert = _self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=cert)
+    port, gport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from lmfleet.cli import main; main()", "serve", str(model_dir),
+                             "--port", str(port), "--grpc-port", str(gport), "--ssl-keyfile", key, "--ssl-certfile",
+                             cert, "--served-model-name", NAME, "--kv-cache-memory", "4MiB", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", verify=trust, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        with httpx.Client(verify=trust) as http:
+            tls_client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", http_client=http, max_retries=0)
+            out = tls_client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, temperature=0)
+            assert out.choices[0].finish_reason in ("length", "stop")
+        with pytest.raises(httpx.TransportError):  # not trusted without the certificate
+            httpx.get(f"{url}/health", timeout=5)
+        pb, services = load_protos()
+        credentials = grpc.ssl_channel_credentials(root_certificates=open(cert, "rb").read())
+        with grpc.secure_channel(f"127.0.0.1:{gport}", credentials) as channel:
+            models = services.GenerationStub(channel).Models(pb.ModelsRequest(), timeout=30)
+            assert [m.id for m in models.models] == [NAME]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
     """Last test of the module: it stops the shared server."""
     url, proc = server
