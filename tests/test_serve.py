@@ -334,6 +334,26 @@ def test_serve_bad_arguments_are_one_line_errors(model_dir, args, needle) -> Non
     assert_one_line_error(run_cli("serve", *args), needle)
 
 
+def test_api_keys_from_flags_env_and_file(tmp_path) -> None:
+    from lmfleet.errors import ConfigError
+    from lmfleet.serve.auth import KeyChecker, RateLimiter, load_api_keys
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nfile-key-00000001\n\nflag-key-00000001  # duplicate of a flag\n")
+    keys = load_api_keys(["flag-key-00000001"], key_file, env={"LMFLEET_API_KEY": "env-key-0000001, env-key-0000002"})
+    assert keys == ["flag-key-00000001", "env-key-0000001", "env-key-0000002", "file-key-00000001"]
+    with pytest.raises(ConfigError, match="no such file"):
+        load_api_keys([], tmp_path / "absent", env={})
+    checker = KeyChecker(keys)
+    assert checker.identify("Bearer env-key-0000002") is not None
+    assert checker.identify("Bearer env-key-0000003") is None and checker.identify("env-key-0000002") is None
+    assert checker.identify("Bearer flag-key-00000001") != checker.identify("Bearer file-key-00000001")
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.acquire("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("k") == pytest.approx(0.5, abs=0.05)  # one token per 0.5 s at 2 requests/s
+    assert limiter.acquire("other") == 0.0  # buckets are per key
+
+
 def _in_process(model_dir, **settings) -> tuple[AsyncLLMEngine, httpx.Client]:
     from fastapi.testclient import TestClient
 
