@@ -1,0 +1,405 @@
+"""Many replicas of the API server behind one endpoint, on Ray Serve.
+
+    Ray Serve HTTP proxy ─► Ingress (reads the body, computes a routing key, retries)
+                             └─► LLMReplica × N (each: AsyncLLMEngine + the same FastAPI app as
+                                 `lmfleet serve`), chosen by PrefixAffinityRouter
+
+Each replica runs the single-server app (`lmfleet.serve.app.build_app`) in process and answers
+forwarded requests through it, so the OpenAI API, its validation, errors, keys and streaming are
+exactly those of `lmfleet serve`. The ingress adds what one process cannot: routing by prompt
+prefix, retrying a request on another replica when its replica dies before sending anything,
+cluster-wide /metrics (every replica's series, labelled `replica`) and /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from lmfleet.cluster import router as routing
+from lmfleet.cluster import stats
+from lmfleet.errors import ConfigError
+from lmfleet.serve.app import ServeSettings, error_body
+
+APP_NAME = "lmfleet"
+METRICS_STORE = "lmfleet-metrics"
+NAMESPACE = "lmfleet"
+MAX_ATTEMPTS = 3
+PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
+
+
+# ---- running an ASGI app in process ---------------------------------------------------------------
+
+async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
+                    body: bytes) -> AsyncIterator[Any]:
+    """Run one HTTP request through an ASGI app in this process: yields (status, headers) once,
+    then the body chunks. Closing the iterator early disconnects the request (a stream aborts)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    disconnected = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if disconnected.is_set():
+            raise OSError("client disconnected")
+        await queue.put(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": method, "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+             "scheme": "http", "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    task = asyncio.create_task(app(scope, receive, send))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while True:
+            message = await queue.get()
+            if message is None:
+                if task.exception() is not None:
+                    raise task.exception()
+                return
+            if message["type"] == "http.response.start":
+                yield message["status"], [(k.decode(), v.decode()) for k, v in message.get("headers", [])]
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield bytes(message["body"])
+                if not message.get("more_body"):
+                    return
+    finally:
+        disconnected.set()
+        if not task.done():
+            try:
+                await asyncio.wait_for(task, timeout=5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the request is being dropped
+                task.cancel()
+
+
+# ---- metrics pushed by replicas, read by the ingress -----------------------------------------------
+
+@ray.remote(num_cpus=0)
+class MetricsStore:
+    """The latest Prometheus text of every replica (pushed every second or two)."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def put(self, replica: str, text: str) -> None:
+        self.texts[replica] = (time.time(), text)
+
+    def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
+        now = time.time()
+        return {r: text for r, (t, text) in self.texts.items() if now - t <= max_age_s}
+
+
+def relabel(texts: dict[str, str]) -> str:
+    """Prometheus texts of several replicas as one exposition, each sample labelled `replica`."""
+    seen_meta: set[str] = set()
+    lines: list[str] = []
+    for replica, text in sorted(texts.items()):
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                if line not in seen_meta:
+                    seen_meta.add(line)
+                    lines.append(line)
+                continue
+            name_part, value = line.rsplit(" ", 1)
+            label = f'replica="{replica}"'
+            if "{" in name_part:
+                name, rest = name_part.split("{", 1)
+                name_part = f"{name}{{{label},{rest}"
+            else:
+                name_part = f"{name_part}{{{label}}}"
+            lines.append(f"{name_part} {value}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- deployments ----------------------------------------------------------------------------------
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10)
+class LLMReplica:
+    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any], settings: dict[str, Any], threads: int,
+                 wedged_after_s: float = 60.0):
+        import torch
+
+        from lmfleet.engine import AsyncLLMEngine, LLMEngine
+        from lmfleet.serve.app import build_app
+
+        torch.set_num_threads(max(1, threads))
+        self.engine = AsyncLLMEngine(LLMEngine(model_dir, **engine_kwargs))
+        self.app = build_app(self.engine, ServeSettings(**settings))
+        self.replica = serve.get_replica_context().replica_tag
+        self.wedged_after_s = wedged_after_s
+        self._store = None
+        self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                if self._store is None:
+                    self._store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
+                await self._store.put.remote(self.replica, self.app.state.front.metrics.render().decode())
+            except Exception:  # noqa: BLE001 - metrics must never take a replica down
+                self._store = None
+            await asyncio.sleep(1.0)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                     routing_key: str | None = None) -> AsyncIterator[Any]:
+        """One forwarded HTTP request: yields (status, headers), then body chunks."""
+        async for item in asgi_call(self.app, method, path, query, headers, body):
+            yield item
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def check_health(self) -> None:
+        """Ray Serve replaces a replica whose check fails: the engine loop died, or it holds
+        requests and has not finished a step for `wedged_after_s`."""
+        if not self.engine.is_running:
+            raise RuntimeError(f"engine loop is not running: {self.engine.error!r}")
+        idle_for = time.monotonic() - self.engine.last_step_time
+        if self.engine.num_unfinished and idle_for > self.wedged_after_s:
+            raise RuntimeError(f"engine loop wedged: no step for {idle_for:.0f} s with requests waiting")
+
+
+def routing_key(path: str, body: bytes, session: str | None) -> str | None:
+    """What makes two requests likely to share KV-cache blocks: the session, else the start of the
+    prompt (for chat, the first message — typically the system prompt)."""
+    if session:
+        return "session:" + session
+    if not path.startswith("/v1/") or not body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    head: Any = None
+    if isinstance(data.get("messages"), list) and data["messages"]:
+        first = data["messages"][0]
+        head = [first.get("role"), str(first.get("content"))[:PREFIX_CHARS]] if isinstance(first, dict) else None
+    elif isinstance(data.get("prompt"), str):
+        head = data["prompt"][:PREFIX_CHARS]
+    elif isinstance(data.get("prompt"), list) and data["prompt"]:
+        first = data["prompt"][0]
+        head = first[:PREFIX_CHARS] if isinstance(first, (str, list)) else data["prompt"][:PREFIX_CHARS]
+    if head is None:
+        return None
+    return hashlib.sha256(json.dumps(head).encode()).hexdigest()[:32]
+
+
+def _sse_error(message: str) -> bytes:
+    return f"data: {json.dumps(error_body(message, 'service_unavailable', None, 'replica_failed'))}\n\n" \
+           "data: [DONE]\n\n".encode()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class Ingress:
+    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS):
+        self.llm = llm.options(stream=True)
+        self.model_name = model_name
+        self.max_attempts = max_attempts
+        self.retries = 0
+
+    async def _first(self, request: Request, body: bytes, key: str | None) -> tuple[Any, tuple, list[bytes]]:
+        """Send to a replica and wait for its status and first chunk; retried on another replica
+        when the replica dies before sending anything (nothing reached the client yet)."""
+        headers = [(k, v) for k, v in request.scope["headers"]]
+        last_error: Exception | None = None
+        for _ in range(self.max_attempts):
+            stream = self.llm.handle.remote(request.method, request.url.path, request.scope.get("query_string", b""),
+                                            headers, body, routing_key=key)
+            try:
+                start = await stream.__anext__()
+                first: list[bytes] = []
+                try:
+                    first.append(await stream.__anext__())
+                except StopAsyncIteration:
+                    pass
+                return stream, start, first
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                last_error = exc
+                self.retries += 1
+                stats.DECISIONS["retried"] += 1
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"no replica could take the request after {self.max_attempts} attempts: {last_error}")
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if path == "/metrics":
+            return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        if path == "/health":
+            return await self._health()
+        body = await request.body()
+        key = routing_key(path, body, request.headers.get("x-session-id"))
+        try:
+            stream, (status, headers), first = await self._first(request, body, key)
+        except RuntimeError as exc:
+            return JSONResponse(error_body(str(exc), "service_unavailable", None, "no_replica"), status_code=503)
+        headers = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
+        if "text/event-stream" not in headers.get("content-type", ""):
+            chunks = first + [chunk async for chunk in stream]
+            return Response(b"".join(chunks), status_code=status, headers=headers)
+
+        async def relay() -> AsyncIterator[bytes]:
+            for chunk in first:
+                yield chunk
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                yield _sse_error(f"the replica serving this stream failed: {type(exc).__name__}")
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(relay(), status_code=status, headers=headers)
+
+    async def _metrics(self) -> str:
+        texts: dict[str, str] = {}
+        try:
+            store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
+            texts = await store.snapshot.remote()
+        except ValueError:
+            pass
+        lines = [relabel(texts),
+                 "# HELP lmfleet:num_replicas Replicas whose metrics arrived in the last 15 s.",
+                 "# TYPE lmfleet:num_replicas gauge", f"lmfleet:num_replicas {len(texts)}",
+                 "# HELP lmfleet:router_decisions_total Routing decisions of this ingress.",
+                 "# TYPE lmfleet:router_decisions_total counter"]
+        lines += [f'lmfleet:router_decisions_total{{decision="{k}"}} {v}' for k, v in sorted(stats.DECISIONS.items())]
+        lines += ["# HELP lmfleet:router_prefix_hits_total Requests sent to the replica holding their prefix.",
+                  "# TYPE lmfleet:router_prefix_hits_total counter",
+                  f"lmfleet:router_prefix_hits_total {stats.DECISIONS['prefix_hit']}",
+                  "# HELP lmfleet:router_retries_total Requests retried on another replica.",
+                  "# TYPE lmfleet:router_retries_total counter", f"lmfleet:router_retries_total {self.retries}"]
+        return "\n".join(lines) + "\n"
+
+    async def _health(self) -> Response:
+        try:
+            store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
+            live = len(await store.snapshot.remote(5.0))
+        except ValueError:
+            live = 0
+        status = serve.status().applications.get(APP_NAME)
+        state = status.status if status is not None else "NOT_DEPLOYED"
+        healthy = live > 0 and state == "RUNNING"
+        return JSONResponse({"status": "ok" if healthy else "unavailable", "application": str(state),
+                             "replicas_reporting": live}, status_code=200 if healthy else 503)
+
+
+# ---- deploying ------------------------------------------------------------------------------------
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--autoscale {text!r} should be MIN:MAX, e.g. 1:4") from None
+    if not 0 <= lo <= hi or hi < 1:
+        raise ConfigError(f"--autoscale {text!r} needs 0 <= MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
+def check_resources(replicas_needed: int, cpus_per_replica: float, gpus_per_replica: float) -> list[str]:
+    """Refuse a deployment the cluster cannot place (Ray would wait forever without an error);
+    return warnings for an autoscaling ceiling it cannot reach."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if replicas_needed * cpus_per_replica > cpus:
+        raise ConfigError(f"{replicas_needed} replica(s) x {cpus_per_replica} CPU need {replicas_needed * cpus_per_replica:g}"
+                          f" CPUs; the Ray cluster has {cpus:g}. Lower --cpus-per-replica or add nodes")
+    if replicas_needed * gpus_per_replica > gpus:
+        raise ConfigError(f"{replicas_needed} replica(s) x {gpus_per_replica} GPU need "
+                          f"{replicas_needed * gpus_per_replica:g} GPUs; the Ray cluster has {gpus:g}")
+    return []
+
+
+def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any], *, replicas: int | None = None,
+           autoscale: tuple[int, int] | None = None, target_ongoing_requests: float = 8.0,
+           upscale_delay_s: float = 3.0, downscale_delay_s: float = 30.0, cpus_per_replica: float = 1.0,
+           gpus_per_replica: float = 0.0, host: str = "127.0.0.1", port: int = 8000, router: str = "prefix",
+           imbalance_threshold: int = 4, ray_address: str | None = None, app_name: str = APP_NAME) -> list[str]:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; returns
+    warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
+    if (replicas is None) == (autoscale is None):
+        raise ConfigError("give --replicas N or --autoscale MIN:MAX")
+    if replicas is not None and replicas < 1:
+        raise ConfigError(f"--replicas {replicas} must be >= 1")
+    if router not in ("prefix", "pow2"):
+        raise ConfigError(f"router {router!r}: choose prefix or pow2")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
+                 configure_logging=False)
+    warnings: list[str] = []
+    needed = replicas if replicas is not None else max(1, autoscale[0])
+    check_resources(needed, cpus_per_replica, gpus_per_replica)
+    if autoscale is not None:
+        total_cpus = ray.cluster_resources().get("CPU", 0.0)
+        if autoscale[1] * cpus_per_replica > total_cpus:
+            warnings.append(f"--autoscale max {autoscale[1]} x {cpus_per_replica} CPU exceeds the cluster's "
+                            f"{total_cpus:g} CPUs: scale-up stops at {int(total_cpus // cpus_per_replica)} replicas "
+                            "until nodes are added (`lmfleet status` shows replicas pending)")
+    try:  # a fresh store: series of replicas from an earlier deployment must not linger
+        ray.kill(ray.get_actor(METRICS_STORE, namespace=NAMESPACE))
+    except ValueError:
+        pass
+    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached",
+                         get_if_exists=True).remote()
+    serve.start(http_options={"host": host, "port": port})
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}}
+    if router == "prefix":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=routing.PrefixAffinityRouter,
+            request_router_kwargs={"imbalance_threshold": imbalance_threshold})
+    if autoscale is not None:
+        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                         "initial_replicas": max(1, autoscale[0]),
+                                         "target_ongoing_requests": target_ongoing_requests,
+                                         "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}
+    else:
+        options["num_replicas"] = replicas
+    llm = LLMReplica.options(**options).bind(str(model_dir), engine_kwargs, asdict(settings),
+                                             max(1, int(cpus_per_replica)))
+    serve.run(Ingress.bind(llm, settings.model_name), name=app_name, route_prefix="/")
+    return warnings
+
+
+def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
+    """Replica counts by state and the application's status, from Ray Serve."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {"application": "NOT_DEPLOYED", "deployments": {}}
+    return {"application": str(app.status), "deployments": {
+        name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
+        for name, d in app.deployments.items()}}
+
+
+def shutdown() -> None:
+    """Stop Serve, the metrics store and (when this process started it) Ray."""
+    try:
+        serve.shutdown()
+    finally:
+        try:
+            ray.kill(ray.get_actor(METRICS_STORE, namespace=NAMESPACE))
+        except ValueError:
+            pass
+        ray.shutdown()
