@@ -317,6 +317,18 @@ def serve(
     = False,
     ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Run N replicas on Ray Serve behind one endpoint.")] = None,
+    autoscale: Annotated[Optional[str], typer.Option(help="MIN:MAX replicas on Ray Serve, scaled on ongoing "
+                                                     "requests.")] = None,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica.")] = 8.0,
+    upscale_delay: Annotated[float, typer.Option(help="Seconds of load before scaling up.")] = 3.0,
+    downscale_delay: Annotated[float, typer.Option(help="Seconds of low load before scaling down.")] = 30.0,
+    cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs per replica (also its torch threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(help="Ray GPUs per replica.")] = 0.0,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one; "
+                                                       "'auto': the one on this node).")] = None,
+    router: Annotated[str, typer.Option(help="Replica choice: prefix (prefix affinity + least load) or pow2 "
+                                        "(Ray Serve's default).")] = "prefix",
     grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
                                                      "(same host, keys and limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
@@ -348,11 +360,70 @@ def serve(
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
+    if replicas is not None or autoscale is not None:
+        if grpc_port is not None or ssl_key is not None:
+            raise ConfigError("--grpc-port and TLS are single-server options; on Ray Serve terminate TLS at a proxy")
+        _serve_cluster(model_dir, settings, engine_kwargs, replicas, autoscale, target_ongoing_requests,
+                       upscale_delay, downscale_delay, cpus_per_replica, gpus_per_replica, host, port, router,
+                       ray_address)
+        return
     scheme = "https" if ssl_certfile else "http"
     console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1"
                   + (f" and gRPC {host}:{grpc_port}" if grpc_port else "")
                   + f" ({'API key required' if keys else 'no API key'})")
     run_server(model_dir, settings, engine_kwargs, host, port, ssl_key, ssl_cert, shutdown_timeout, log_level)
+
+
+def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: Optional[int],
+                   autoscale: Optional[str], target: float, up: float, down: float, cpus: float, gpus: float,
+                   host: str, port: int, router: str, ray_address: Optional[str]) -> None:
+    """Deploy on Ray Serve, then wait for SIGTERM/SIGINT and take everything down."""
+    import signal
+    import threading
+
+    from lmfleet.cluster.ray_serve import deploy, parse_autoscale, shutdown
+
+    bounds = parse_autoscale(autoscale) if autoscale is not None else None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        warnings = deploy(str(model_dir), settings, engine_kwargs, replicas=replicas, autoscale=bounds,
+                          target_ongoing_requests=target, upscale_delay_s=up, downscale_delay_s=down,
+                          cpus_per_replica=cpus, gpus_per_replica=gpus, host=host, port=port, router=router,
+                          ray_address=ray_address)
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        shape = f"{replicas} replicas" if replicas else f"{bounds[0]}-{bounds[1]} replicas (autoscaling)"
+        console.print(f"serving [bold]{settings.model_name}[/] on Ray Serve, {shape}, at http://{host}:{port}/v1 "
+                      "(Ctrl-C or SIGTERM stops it)")
+        stop.wait()
+    finally:
+        shutdown()
+
+
+@app.command()
+def status(
+    ray_address: Annotated[str, typer.Option(help="The Ray cluster ('auto': the one on this node).")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Replicas of a Ray Serve deployment: their state, load and health."""
+    from lmfleet.cluster.ray_serve import cluster_status
+
+    result = cluster_status(ray_address)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"application: {result['application']}")
+    for name, d in result["deployments"].items():
+        out.print(f"  {name}: {d['status']}, replicas {d['replicas']}")
+    table = Table(title="replicas")
+    for column in ("replica", "running", "waiting", "kv cache", "generated tokens", "last report"):
+        table.add_column(column)
+    for r in result["replicas"]:
+        table.add_row(r["replica"], f"{r['running']:g}", f"{r['waiting']:g}", f"{r['kv_cache_usage']:.0%}",
+                      f"{r['generation_tokens']:g}", f"{r['age_s']:.1f} s ago")
+    out.print(table)
 
 
 @bench_app.command("offline")

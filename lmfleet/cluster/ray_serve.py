@@ -103,6 +103,10 @@ class MetricsStore:
     def put(self, replica: str, text: str) -> None:
         self.texts[replica] = (time.time(), text)
 
+    def raw(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str]]:
+        now = time.time()
+        return {r: (t, text) for r, (t, text) in self.texts.items() if now - t <= max_age_s}
+
     def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
         now = time.time()
         return {r: text for r, (t, text) in self.texts.items() if now - t <= max_age_s}
@@ -391,6 +395,35 @@ def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
     return {"application": str(app.status), "deployments": {
         name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
         for name, d in app.deployments.items()}}
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def cluster_status(ray_address: str = "auto", app_name: str = APP_NAME) -> dict[str, Any]:
+    """Application and replica states from Ray Serve, and each replica's load from its last metrics."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        except ConnectionError as exc:
+            raise ConfigError(f"no Ray cluster at {ray_address!r}: {exc}") from None
+    result = replica_status(app_name)
+    replicas = []
+    try:
+        store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
+        now = time.time()
+        for replica, (stamp, text) in sorted(ray.get(store.raw.remote()).items()):
+            replicas.append({"replica": replica, "age_s": now - stamp,
+                             "running": _sample(text, "lmfleet:num_requests_running"),
+                             "waiting": _sample(text, "lmfleet:num_requests_waiting"),
+                             "kv_cache_usage": _sample(text, "lmfleet:kv_cache_usage_perc"),
+                             "generation_tokens": _sample(text, "lmfleet:generation_tokens_total")})
+    except ValueError:
+        pass
+    result["replicas"] = replicas
+    return result
 
 
 def shutdown() -> None:

@@ -4,14 +4,15 @@ choices.
 The ingress computes a routing key per request (a digest of the prompt's first characters, or of
 an `X-Session-ID` header) and passes it as the `routing_key` keyword. A key seen before goes to
 the replica that served it — whose KV cache holds that prefix — unless that replica's queue is
-longer than the shortest one by more than `imbalance_threshold`; then, and for new keys, the
-less loaded of two random replicas takes it and becomes the key's owner.
+longer than the shortest one by more than `imbalance_threshold`; then the less loaded of two
+random replicas takes it. A new key goes to the replica that owns the fewest keys (then the
+shortest queue). Whichever replica serves a key becomes its owner.
 """
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -53,9 +54,15 @@ class PrefixAffinityRouter(RequestRouter):
                 others = [r for r in candidate_replicas if r.replica_id != owner]
                 return [[by_id[owner]], self._two_choices(others)] if others else [[by_id[owner]]]
             stats.DECISIONS["prefix_overloaded"] += 1
-        else:
-            stats.DECISIONS["new_key"] += 1
-        return [self._two_choices(candidate_replicas)]
+            return [self._two_choices(candidate_replicas)]
+        # A new key: the replica owning the fewest keys (then the shortest queue) takes it, so
+        # prefixes spread evenly and each replica's cache holds its share.
+        stats.DECISIONS["new_key"] += 1
+        owned = Counter(owner for owner in self.owners.values() if owner in by_id)
+        ranked = sorted(candidate_replicas, key=lambda r: (owned[r.replica_id],
+                                                           self.replica_queue_len_cache.get(r.replica_id) or 0,
+                                                           random.random()))
+        return [ranked[:1], ranked[1:]] if len(ranked) > 1 else [ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         key = routing_key_of(pending_request)

@@ -1,0 +1,220 @@
+"""Cluster serving on a real local Ray: replicas behind one endpoint, prefix-affinity routing
+against Ray Serve's default, a replica killed under load, autoscaling, and a clean shutdown.
+One Ray cluster for the whole module (each deployment replaces the previous one)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from lmfleet.engine import LLMEngine, SamplingParams
+from lmfleet.model import ModelConfig, build_model, save_model
+from lmfleet.serve import ServeSettings
+
+ray = pytest.importorskip("ray")  # a dev dependency: installed by `make install`; never skipped in CI
+
+pytestmark = pytest.mark.integration
+NAME = "tiny-cluster"
+SYSTEMS = [f"System prompt number {i}. " + "You answer questions about foxes and dogs and lazy days. " * 6
+           for i in range(4)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("cluster") / "model"
+    save_model(build_model(config, seed=31), path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The module's Ray: started by the first deploy, shut down at the end; afterwards no process
+    it started may be left."""
+    from lmfleet.cluster import ray_serve
+
+    port = free_port()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield port
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    ray_serve.shutdown()
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+
+
+def deploy(model_dir, port, **kwargs):
+    from lmfleet.cluster.ray_serve import deploy as ray_deploy
+
+    engine_kwargs = kwargs.pop("engine_kwargs", {"kv_cache_memory": 4 * 2**20})
+    ray_deploy(str(model_dir), ServeSettings(NAME), engine_kwargs, port=port, **kwargs)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "cluster endpoint never became healthy"
+        time.sleep(0.25)
+    return url
+
+
+def scrape(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def per_replica(text: str, name: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            values[replica] = values.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
+    url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+    engine = LLMEngine(model_dir, kv_cache_memory=4 * 2**20)
+    for prompt in ("The quick brown", "def add(a, b):", "Data flows one way"):
+        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == ref.text and out.usage.completion_tokens == len(ref.token_ids)
+    messages = [{"role": "system", "content": SYSTEMS[0]}, {"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=NAME, prompt="x", max_tokens=-1)
+    assert bad.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="x")
+    time.sleep(2.5)  # replicas push their metrics every second
+    text = scrape(url)
+    assert total(text, "lmfleet:num_replicas") == 2
+    assert len(per_replica(text, "lmfleet:generation_tokens_total")) == 2
+    assert total(text, "lmfleet:generation_tokens_total") >= 3 * 10 + 2 * 12
+
+
+async def _shared_prefix_load(url: str, n: int, concurrency: int = 4) -> None:
+    async with httpx.AsyncClient(timeout=120) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                body = {"model": NAME, "max_tokens": 4, "temperature": 0,
+                        "messages": [{"role": "system", "content": SYSTEMS[i % 4]},
+                                     {"role": "user", "content": f"question {i}"}]}
+                response = await client.post(f"{url}/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_prefix_affinity_beats_default_routing(model_dir, cluster, tokenizer) -> None:
+    # Each replica's KV pool holds about two of the four system prompts: affinity keeps two per
+    # replica cached; random routing makes every replica cycle through all four.
+    prompt_blocks = -(-len(tokenizer.apply_chat_template([{"role": "system", "content": SYSTEMS[0]}],
+                                                         tokenize=True)) // 16)
+    engine_kwargs = {"num_blocks": 2 * prompt_blocks + 8}
+    rates, shares = {}, {}
+    for router in ("prefix", "pow2"):
+        url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=1, router=router, engine_kwargs=engine_kwargs)
+        asyncio.run(_shared_prefix_load(url, 64))
+        time.sleep(2.5)
+        text = scrape(url)
+        rates[router] = total(text, "lmfleet:prefix_cache_hits_total") / total(text, "lmfleet:prefix_cache_queries_total")
+        served = per_replica(text, "lmfleet:request_success_total")
+        shares[router] = max(served.values()) / sum(served.values())
+    assert rates["prefix"] > rates["pow2"] + 0.1, rates
+    assert shares["prefix"] <= 0.5 + 0.25, shares  # fair share plus the imbalance allowance
+    print(f"prefix-cache hit rate: affinity {rates['prefix']:.3f}, default {rates['pow2']:.3f}; "
+          f"largest replica share {shares}")
+
+
+def _replica_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "LLMReplica" in (a.class_name or "")]
+
+
+def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> None:
+    url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=1)
+    pids = _replica_pids()
+    assert len(pids) == 2
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i: int) -> int:
+                body = {"model": NAME, "prompt": f"request {i}", "max_tokens": 40, "temperature": 0,
+                        "ignore_eos": True}
+                return (await client.post(f"{url}/v1/completions", json=body)).status_code
+
+            tasks = [asyncio.create_task(one(i)) for i in range(50)]
+            await asyncio.sleep(1.0)
+            os.kill(pids[0], signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    killed_at = time.monotonic()
+    codes = asyncio.run(load())
+    assert codes.count(200) == 50, codes
+    from lmfleet.cluster.ray_serve import replica_status
+
+    deadline = time.monotonic() + 90
+    while True:
+        states = replica_status()["deployments"]["LLMReplica"]["replicas"]
+        healthy = httpx.get(f"{url}/health", timeout=5).status_code == 200
+        if states.get("RUNNING") == 2 and healthy and pids[0] not in _replica_pids():
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.5)
+    print(f"replica killed: 0 of 50 requests failed; 2 replicas running again after "
+          f"{time.monotonic() - killed_at:.1f} s")
+
+
+def test_autoscaling_up_under_load_and_down_when_idle(model_dir, cluster) -> None:
+    from lmfleet.cluster.ray_serve import replica_status
+
+    url = deploy(model_dir, cluster, autoscale=(1, 3), cpus_per_replica=0.5, target_ongoing_requests=1,
+                 upscale_delay_s=1, downscale_delay_s=4)
+
+    def running() -> int:
+        return replica_status()["deployments"]["LLMReplica"]["replicas"].get("RUNNING", 0)
+
+    assert running() == 1
+
+    async def burst() -> int:
+        peak = 1
+        async with httpx.AsyncClient(timeout=180) as client:
+            body = {"model": NAME, "prompt": "The", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+            tasks = [asyncio.create_task(client.post(f"{url}/v1/completions", json=body)) for _ in range(12)]
+            while not all(t.done() for t in tasks):
+                peak = max(peak, running())
+                await asyncio.sleep(0.5)
+            assert all(t.result().status_code == 200 for t in tasks)
+        return peak
+
+    peak = asyncio.run(burst())
+    assert peak >= 2, "no scale-up under 12 concurrent long requests"
+    deadline = time.monotonic() + 90
+    while running() > 1:
+        assert time.monotonic() < deadline, "never scaled back down"
+        time.sleep(1)
+    print(f"autoscaling: 1 -> {peak} replicas under load, back to 1 when idle")
