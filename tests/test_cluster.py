@@ -5,6 +5,7 @@ One Ray cluster for the whole module (each deployment replaces the previous one)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ import pytest
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.model import ModelConfig, build_model, save_model
 from lmfleet.serve import ServeSettings
+
+from .helpers import run_cli
 
 ray = pytest.importorskip("ray")  # a dev dependency: installed by `make install`; never skipped in CI
 
@@ -57,8 +60,13 @@ def cluster():
 
 
 def deploy(model_dir, port, **kwargs):
+    from ray import serve
+
+    from lmfleet.cluster.ray_serve import APP_NAME
     from lmfleet.cluster.ray_serve import deploy as ray_deploy
 
+    if ray.is_initialized():  # a fresh application each time, not a rolling update of the last one
+        serve.delete(APP_NAME)
     engine_kwargs = kwargs.pop("engine_kwargs", {"kv_cache_memory": 4 * 2**20})
     ray_deploy(str(model_dir), ServeSettings(NAME), engine_kwargs, port=port, **kwargs)
     url = f"http://127.0.0.1:{port}"
@@ -110,6 +118,11 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
     assert total(text, "lmfleet:num_replicas") == 2
     assert len(per_replica(text, "lmfleet:generation_tokens_total")) == 2
     assert total(text, "lmfleet:generation_tokens_total") >= 3 * 10 + 2 * 12
+    status = run_cli("status", "--json")  # what `lmfleet status` prints, from Ray Serve and the replicas
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["deployments"]["LLMReplica"]["replicas"] == {"RUNNING": 2}
+    assert sorted(r["replica"] for r in report["replicas"]) == sorted(per_replica(text, "lmfleet:num_requests_running"))
 
 
 async def _shared_prefix_load(url: str, n: int, concurrency: int = 4) -> None:

@@ -366,8 +366,7 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         ray.kill(ray.get_actor(METRICS_STORE, namespace=NAMESPACE))
     except ValueError:
         pass
-    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached",
-                         get_if_exists=True).remote()
+    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached").remote()
     serve.start(http_options={"host": host, "port": port})
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}}
     if router == "prefix":

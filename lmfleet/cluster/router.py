@@ -62,6 +62,8 @@ class PrefixAffinityRouter(RequestRouter):
         ranked = sorted(candidate_replicas, key=lambda r: (owned[r.replica_id],
                                                            self.replica_queue_len_cache.get(r.replica_id) or 0,
                                                            random.random()))
+        # Claim the key now: requests for other new keys routed before this one lands must see it.
+        self.owners[key] = ranked[0].replica_id
         return [ranked[:1], ranked[1:]] if len(ranked) > 1 else [ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
