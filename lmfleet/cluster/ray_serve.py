@@ -78,9 +78,18 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
             if message["type"] == "http.response.start":
                 yield message["status"], [(k.decode(), v.decode()) for k, v in message.get("headers", [])]
             elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield bytes(message["body"])
-                if not message.get("more_body"):
+                # Chunks already waiting go out together: each item crosses a process boundary.
+                body, more = bytearray(message.get("body", b"")), message.get("more_body", False)
+                while more and not queue.empty():
+                    following = queue.get_nowait()
+                    if following is None or following["type"] != "http.response.body":
+                        queue.put_nowait(following)
+                        break
+                    body += following.get("body", b"")
+                    more = following.get("more_body", False)
+                if body:
+                    yield bytes(body)
+                if not more:
                     return
     finally:
         disconnected.set()
