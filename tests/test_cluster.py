@@ -206,6 +206,26 @@ def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> No
           f"{time.monotonic() - killed_at:.1f} s")
 
 
+def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(model_dir, cluster) -> None:
+    url = deploy(model_dir, cluster, replicas=1, cpus_per_replica=1)
+    (pid,) = _replica_pids()
+    body = {"model": NAME, "prompt": "The", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+    events = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: "):])
+            if len(events) == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - started < 60  # ended, not hung
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert error["error"]["code"] == "replica_failed"
+    assert all("choices" in json.loads(e) for e in events[:3])
+
+
 def test_autoscaling_up_under_load_and_down_when_idle(model_dir, cluster) -> None:
     from lmfleet.cluster.ray_serve import replica_status
 
