@@ -329,6 +329,8 @@ def serve(
                                                        "'auto': the one on this node).")] = None,
     router: Annotated[str, typer.Option(help="Replica choice: prefix (prefix affinity + least load) or pow2 "
                                         "(Ray Serve's default).")] = "prefix",
+    request_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a request may take before 504 "
+                                                   "(or an error event on a stream).")] = 600.0,
     grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
                                                      "(same host, keys and limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
@@ -365,7 +367,7 @@ def serve(
             raise ConfigError("--grpc-port and TLS are single-server options; on Ray Serve terminate TLS at a proxy")
         _serve_cluster(model_dir, settings, engine_kwargs, replicas, autoscale, target_ongoing_requests,
                        upscale_delay, downscale_delay, cpus_per_replica, gpus_per_replica, host, port, router,
-                       ray_address)
+                       request_timeout, ray_address)
         return
     scheme = "https" if ssl_certfile else "http"
     console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1"
@@ -376,7 +378,7 @@ def serve(
 
 def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: Optional[int],
                    autoscale: Optional[str], target: float, up: float, down: float, cpus: float, gpus: float,
-                   host: str, port: int, router: str, ray_address: Optional[str]) -> None:
+                   host: str, port: int, router: str, timeout: float, ray_address: Optional[str]) -> None:
     """Deploy on Ray Serve, then wait for SIGTERM/SIGINT and take everything down."""
     import signal
     import threading
@@ -391,7 +393,7 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, repli
         warnings = deploy(str(model_dir), settings, engine_kwargs, replicas=replicas, autoscale=bounds,
                           target_ongoing_requests=target, upscale_delay_s=up, downscale_delay_s=down,
                           cpus_per_replica=cpus, gpus_per_replica=gpus, host=host, port=port, router=router,
-                          ray_address=ray_address)
+                          request_timeout_s=timeout, ray_address=ray_address)
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         shape = f"{replicas} replicas" if replicas else f"{bounds[0]}-{bounds[1]} replicas (autoscaling)"

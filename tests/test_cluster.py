@@ -226,6 +226,21 @@ def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(model_dir, 
     assert all("choices" in json.loads(e) for e in events[:3])
 
 
+def test_request_timeout_gives_504_and_frees_the_replica(model_dir, cluster) -> None:
+    url = deploy(model_dir, cluster, replicas=1, cpus_per_replica=1, request_timeout_s=0.5)
+    body = {"model": NAME, "prompt": "The", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as stream:
+        events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+    # Both requests were aborted on the replica: nothing left running, fewer tokens than asked made.
+    time.sleep(3)
+    text = scrape(url)
+    assert total(text, "lmfleet:num_requests_running") == 0 and total(text, "lmfleet:kv_cache_usage_perc") == 0
+    assert total(text, "lmfleet:generation_tokens_total") < 2 * 480
+
+
 def test_autoscaling_up_under_load_and_down_when_idle(model_dir, cluster) -> None:
     from lmfleet.cluster.ray_serve import replica_status
 

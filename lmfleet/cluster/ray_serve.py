@@ -68,10 +68,12 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
              "scheme": "http", "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
     task = asyncio.create_task(app(scope, receive, send))
     task.add_done_callback(lambda _: queue.put_nowait(None))
+    complete = False
     try:
         while True:
             message = await queue.get()
             if message is None:
+                complete = True
                 if task.exception() is not None:
                     raise task.exception()
                 return
@@ -90,13 +92,17 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
                 if body:
                     yield bytes(body)
                 if not more:
+                    complete = True
                     return
     finally:
         disconnected.set()
         if not task.done():
-            try:
-                await asyncio.wait_for(task, timeout=5)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the request is being dropped
+            if complete:  # the response went out whole: let the app finish its own clean-up
+                try:
+                    await asyncio.wait_for(task, timeout=5)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - nothing is waiting for it
+                    task.cancel()
+            else:  # the caller went away (cancelled, timed out): stop the request, freeing its blocks
                 task.cancel()
 
 
@@ -220,20 +226,22 @@ def routing_key(path: str, body: bytes, session: str | None) -> str | None:
     return hashlib.sha256(json.dumps(head).encode()).hexdigest()[:32]
 
 
-def _sse_error(message: str) -> bytes:
-    return f"data: {json.dumps(error_body(message, 'service_unavailable', None, 'replica_failed'))}\n\n" \
+def _sse_error(message: str, code: str = "replica_failed") -> bytes:
+    return f"data: {json.dumps(error_body(message, 'service_unavailable', None, code))}\n\n" \
            "data: [DONE]\n\n".encode()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 class Ingress:
-    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS):
+    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS, request_timeout_s: float = 600.0):
         self.llm = llm.options(stream=True)
         self.model_name = model_name
         self.max_attempts = max_attempts
+        self.request_timeout_s = request_timeout_s
         self.retries = 0
 
-    async def _first(self, request: Request, body: bytes, key: str | None) -> tuple[Any, tuple, list[bytes]]:
+    async def _first(self, request: Request, body: bytes, key: str | None,
+                     current: list[Any]) -> tuple[Any, tuple, list[bytes]]:
         """Send to a replica and wait for its status and first chunk; retried on another replica
         when the replica dies before sending anything (nothing reached the client yet)."""
         headers = [(k, v) for k, v in request.scope["headers"]]
@@ -241,6 +249,7 @@ class Ingress:
         for _ in range(self.max_attempts):
             stream = self.llm.handle.remote(request.method, request.url.path, request.scope.get("query_string", b""),
                                             headers, body, routing_key=key)
+            current[:] = [stream]  # so that a timeout can cancel it
             try:
                 start = await stream.__anext__()
                 first: list[bytes] = []
@@ -264,27 +273,50 @@ class Ingress:
             return await self._health()
         body = await request.body()
         key = routing_key(path, body, request.headers.get("x-session-id"))
+        deadline = time.monotonic() + self.request_timeout_s
+        timed_out = JSONResponse(error_body(f"the request took longer than {self.request_timeout_s:g} s",
+                                            "timeout_error", None, "timeout"), status_code=504)
+        current: list[Any] = []
         try:
-            stream, (status, headers), first = await self._first(request, body, key)
+            stream, (status, headers), first = await asyncio.wait_for(self._first(request, body, key, current),
+                                                                      self.request_timeout_s)
         except RuntimeError as exc:
             return JSONResponse(error_body(str(exc), "service_unavailable", None, "no_replica"), status_code=503)
+        except asyncio.TimeoutError:
+            for pending in current:
+                pending.cancel()  # the replica aborts the request and frees its blocks
+            return timed_out
         headers = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
         if "text/event-stream" not in headers.get("content-type", ""):
-            chunks = first + [chunk async for chunk in stream]
+            try:
+                chunks = first + await asyncio.wait_for(self._drain(stream), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                stream.cancel()
+                return timed_out
             return Response(b"".join(chunks), status_code=status, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
             for chunk in first:
                 yield chunk
             try:
-                async for chunk in stream:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                    except StopAsyncIteration:
+                        return
                     yield chunk
+            except asyncio.TimeoutError:
+                yield _sse_error(f"the request took longer than {self.request_timeout_s:g} s", "timeout")
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 yield _sse_error(f"the replica serving this stream failed: {type(exc).__name__}")
             finally:
                 stream.cancel()
 
         return StreamingResponse(relay(), status_code=status, headers=headers)
+
+    @staticmethod
+    async def _drain(stream: Any) -> list[bytes]:
+        return [chunk async for chunk in stream]
 
     async def _metrics(self) -> str:
         texts: dict[str, str] = {}
@@ -349,7 +381,8 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
            autoscale: tuple[int, int] | None = None, target_ongoing_requests: float = 8.0,
            upscale_delay_s: float = 3.0, downscale_delay_s: float = 30.0, cpus_per_replica: float = 1.0,
            gpus_per_replica: float = 0.0, host: str = "127.0.0.1", port: int = 8000, router: str = "prefix",
-           imbalance_threshold: int = 4, ray_address: str | None = None, app_name: str = APP_NAME) -> list[str]:
+           imbalance_threshold: int = 4, request_timeout_s: float = 600.0, ray_address: str | None = None,
+           app_name: str = APP_NAME) -> list[str]:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; returns
     warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
     if (replicas is None) == (autoscale is None):
@@ -358,6 +391,8 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         raise ConfigError(f"--replicas {replicas} must be >= 1")
     if router not in ("prefix", "pow2"):
         raise ConfigError(f"router {router!r}: choose prefix or pow2")
+    if request_timeout_s <= 0:
+        raise ConfigError(f"--request-timeout {request_timeout_s} must be > 0 seconds")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
@@ -391,7 +426,8 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         options["num_replicas"] = replicas
     llm = LLMReplica.options(**options).bind(str(model_dir), engine_kwargs, asdict(settings),
                                              max(1, int(cpus_per_replica)))
-    serve.run(Ingress.bind(llm, settings.model_name), name=app_name, route_prefix="/")
+    serve.run(Ingress.bind(llm, settings.model_name, MAX_ATTEMPTS, request_timeout_s), name=app_name,
+              route_prefix="/")
     return warnings
 
 

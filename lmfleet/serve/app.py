@@ -137,8 +137,11 @@ def _sse(data: dict[str, Any] | str) -> str:
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several request streams as they come, tagged with the stream's position."""
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:  # cancelled or closed early: abort the request
+            streams[0].close()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
