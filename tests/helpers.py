@@ -34,3 +34,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     finally:
         sys.argv = argv
     return subprocess.CompletedProcess(["lmfleet", *args], code, out.getvalue(), err.getvalue())
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat_model_dir(root, tokenizer, max_position_embeddings: int, seed: int):
+    """A debug-size model directory with the test tokenizer (and its chat template)."""
+    from lmfleet.model import ModelConfig, build_model, save_model
+
+    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size,
+                                     max_position_embeddings=max_position_embeddings)
+    path = root / "model"
+    save_model(build_model(config, seed=seed), path, tokenizer=tokenizer)
+    return path

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 
 import httpx
@@ -17,10 +16,9 @@ import psutil
 import pytest
 
 from lmfleet.engine import LLMEngine, SamplingParams
-from lmfleet.model import ModelConfig, build_model, save_model
 from lmfleet.serve import ServeSettings
 
-from .helpers import run_cli
+from .helpers import chat_model_dir, free_port, run_cli
 
 ray = pytest.importorskip("ray")  # a dev dependency: installed by `make install`; never skipped in CI
 
@@ -30,18 +28,9 @@ SYSTEMS = [f"System prompt number {i}. " + "You answer questions about foxes and
            for i in range(4)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
-    path = tmp_path_factory.mktemp("cluster") / "model"
-    save_model(build_model(config, seed=31), path, tokenizer=tokenizer)
-    return path
+    return chat_model_dir(tmp_path_factory.mktemp("cluster"), tokenizer, 512, 31)
 
 
 @pytest.fixture(scope="module")

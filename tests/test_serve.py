@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,10 +19,9 @@ import pytest
 
 from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
 from lmfleet.engine.bench import synthetic_requests
-from lmfleet.model import ModelConfig, build_model, save_model
 from lmfleet.serve import ServeSettings, build_app
 
-from .helpers import assert_one_line_error, run_cli
+from .helpers import assert_one_line_error, chat_model_dir, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +29,9 @@ KEY = "test-key-0123456789"
 NAME = "tiny-chat"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("serve") / "model"
-    save_model(build_model(config, seed=21), path, tokenizer=tokenizer)
-    return path
+    return chat_model_dir(tmp_path_factory.mktemp("serve"), tokenizer, 256, 21)
 
 
 @pytest.fixture(scope="module")
