@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--output-len", default="16:64")
     parser.add_argument("--hf-batches", default="8,16,32")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="batch-1 runs of each (the best is taken)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
@@ -120,17 +121,22 @@ def main() -> None:
     n = args.decode_tokens
     one = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     engine.generate([prompt], one)
-    start = time.perf_counter()
-    ours_tokens = engine.generate([prompt], one)[0].token_ids
-    sync(args.device)
-    d_engine = time.perf_counter() - start
+    ids = torch.tensor([prompt], device=args.device)
     with torch.inference_mode():
-        ids = torch.tensor([prompt], device=args.device)
         hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # Best of --repeats, the two taking turns, so that a slow moment of a shared machine hits both.
+    d_engine = d_hf = float("inf")
+    for _ in range(args.repeats):
         start = time.perf_counter()
-        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ours_tokens = engine.generate([prompt], one)[0].token_ids
         sync(args.device)
-        d_hf = time.perf_counter() - start
+        d_engine = min(d_engine, time.perf_counter() - start)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+            sync(args.device)
+            d_hf = min(d_hf, time.perf_counter() - start)
     same = ref[0, len(prompt):].tolist() == ours_tokens
 
     bandwidth = memory_bandwidth(args.device)

@@ -47,6 +47,8 @@ class PagedAttention:
                 seg.slots = (blocks[:, None] * block_size + offsets).flatten()[:seg.context].to(device)
         self.prefills = prefills
         self.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
+        # Every token of the step is a decode (the steady state): no scatter of the outputs.
+        self.decode_only = not prefills and len(decode_rows) == len(slot_mapping)
         if decode_rows:
             max_blocks = max(len(t) for t in decode_tables)
             blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
@@ -57,14 +59,17 @@ class PagedAttention:
             mask = key_pos < context  # padding slots point at block 0 and are masked out
             if window is not None:
                 mask &= key_pos >= context - window
-            self.decode_slots = slots.to(device)
-            self.decode_mask = mask[:, None, None, :].to(device)
+            self.decode_slots = slots.flatten().to(device)  # [B * max_ctx]
+            # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
+            self.decode_mask = None if bool(mask.all()) else mask[:, None, None, :].to(device)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]  # [slots, KVH, D]
         new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, KVH, D]
-        k_cache[self.slot_mapping] = new_k
-        v_cache[self.slot_mapping] = new_v
+        k_cache.index_copy_(0, self.slot_mapping, new_k)
+        v_cache.index_copy_(0, self.slot_mapping, new_v)
+        if self.decode_only:
+            return self._decode(q, k_cache, v_cache, q[0].transpose(0, 1))[None].transpose(1, 2)
         out = torch.empty_like(q)
         for s in self.prefills:
             qs = q[:, :, s.start:s.start + s.length]
@@ -73,23 +78,31 @@ class PagedAttention:
                 out[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
                     qs, ks, vs, is_causal=True, enable_gqa=True)
                 continue
-            ks = k_cache[s.slots].transpose(0, 1)[None]  # [1, KVH, ctx, D]
-            vs = v_cache[s.slots].transpose(0, 1)[None]
+            ks = k_cache.index_select(0, s.slots).transpose(0, 1)[None]  # [1, KVH, ctx, D]
+            vs = v_cache.index_select(0, s.slots).transpose(0, 1)[None]
             q_pos = torch.arange(s.context - s.length, s.context, device=q.device)
             mask = attention_mask(q_pos, torch.arange(s.context, device=q.device), self.window)
             out[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, enable_gqa=True)
         if len(self.decode_index):
-            # Grouped-query decode: the query heads sharing a KV head become that head's query
-            # rows, so K/V are read once per KV head and never repeated.
-            n_heads, n_kv = q.shape[1], k.shape[1]
-            qd = q[0, :, self.decode_index].transpose(0, 1)  # [B, H, D]
-            qd = qd.reshape(len(qd), n_kv, n_heads // n_kv, qd.shape[-1])  # [B, KVH, H/KVH, D]
-            kd = k_cache[self.decode_slots].permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
-            vd = v_cache[self.decode_slots].permute(0, 2, 1, 3)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask)
-            out[0, :, self.decode_index] = od.reshape(len(qd), n_heads, -1).transpose(0, 1)
+            qd = q[0, :, self.decode_index].transpose(0, 1)
+            out[0, :, self.decode_index] = self._decode(q, k_cache, v_cache, qd).transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                qd: torch.Tensor) -> torch.Tensor:
+        """Attention of the decode queries qd [B, H, D] over their cached context -> [B, H, D].
+
+        Grouped-query: the query heads sharing a KV head become that head's query rows, so K/V are
+        gathered once per KV head and never repeated."""
+        batch, n_heads, head_dim = qd.shape
+        n_kv = k_cache.shape[1]
+        qd = qd.reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, KVH, H/KVH, D]
+        shape = (batch, -1, n_kv, head_dim)
+        kd = k_cache.index_select(0, self.decode_slots).view(shape).permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
+        vd = v_cache.index_select(0, self.decode_slots).view(shape).permute(0, 2, 1, 3)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask)
+        return od.reshape(batch, n_heads, head_dim)
 
 
 class TransposedLinear(nn.Module):
