@@ -367,7 +367,7 @@ def serve(
             raise ConfigError("--grpc-port and TLS are single-server options; on Ray Serve terminate TLS at a proxy")
         _serve_cluster(model_dir, settings, engine_kwargs, replicas, autoscale, target_ongoing_requests,
                        upscale_delay, downscale_delay, cpus_per_replica, gpus_per_replica, host, port, router,
-                       request_timeout, ray_address)
+                       request_timeout, ray_address, shutdown_timeout)
         return
     scheme = "https" if ssl_certfile else "http"
     console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1"
@@ -378,28 +378,39 @@ def serve(
 
 def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: Optional[int],
                    autoscale: Optional[str], target: float, up: float, down: float, cpus: float, gpus: float,
-                   host: str, port: int, router: str, timeout: float, ray_address: Optional[str]) -> None:
-    """Deploy on Ray Serve, then wait for SIGTERM/SIGINT and take everything down."""
+                   host: str, port: int, router: str, timeout: float, ray_address: Optional[str],
+                   shutdown_timeout: float) -> None:
+    """Deploy on Ray Serve, then wait for SIGTERM/SIGINT, let in-flight requests finish and take
+    everything down."""
     import signal
     import threading
 
-    from lmfleet.cluster.ray_serve import deploy, parse_autoscale, shutdown
+    from lmfleet.cluster.ray_serve import deploy, drain, parse_autoscale, shutdown
 
     bounds = parse_autoscale(autoscale) if autoscale is not None else None
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def catch_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+
+    catch_signals()
     try:
         warnings = deploy(str(model_dir), settings, engine_kwargs, replicas=replicas, autoscale=bounds,
                           target_ongoing_requests=target, upscale_delay_s=up, downscale_delay_s=down,
                           cpus_per_replica=cpus, gpus_per_replica=gpus, host=host, port=port, router=router,
                           request_timeout_s=timeout, ray_address=ray_address)
+        catch_signals()  # ray.init installs its own SIGTERM handler, which would end the process at once
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         shape = f"{replicas} replicas" if replicas else f"{bounds[0]}-{bounds[1]} replicas (autoscaling)"
         console.print(f"serving [bold]{settings.model_name}[/] on Ray Serve, {shape}, at http://{host}:{port}/v1 "
                       "(Ctrl-C or SIGTERM stops it)")
         stop.wait()
+        console.print(f"stopping: in-flight requests get up to {shutdown_timeout:g} s to finish")
+        cut = drain(shutdown_timeout)
+        if cut:
+            console.print(f"[yellow]warning:[/] {cut} request(s) still running after {shutdown_timeout:g} s were cut")
     finally:
         shutdown()
 
@@ -420,10 +431,10 @@ def status(
     for name, d in result["deployments"].items():
         out.print(f"  {name}: {d['status']}, replicas {d['replicas']}")
     table = Table(title="replicas")
-    for column in ("replica", "running", "waiting", "kv cache", "generated tokens", "last report"):
+    for column in ("replica", "node", "pid", "running", "waiting", "kv cache", "generated tokens", "last report"):
         table.add_column(column)
     for r in result["replicas"]:
-        table.add_row(r["replica"], f"{r['running']:g}", f"{r['waiting']:g}", f"{r['kv_cache_usage']:.0%}",
+        table.add_row(r["replica"], r["node"], str(r["pid"]), f"{r['running']:g}", f"{r['waiting']:g}", f"{r['kv_cache_usage']:.0%}",
                       f"{r['generation_tokens']:g}", f"{r['age_s']:.1f} s ago")
     out.print(table)
 

@@ -150,9 +150,8 @@ def test_prefix_affinity_beats_default_routing(model_dir, cluster, tokenizer) ->
           f"largest replica share {shares}")
 
 
-def _replica_pids() -> list[int]:
-    """PIDs of the live LLM replica actors (Ray titles its worker processes by actor; the state
-    API would need the dashboard, which this cluster runs without)."""
+def _titled_replica_pids() -> list[int]:
+    """PIDs of the processes Ray titles as LLM replica actors."""
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
@@ -161,10 +160,25 @@ def _replica_pids() -> list[int]:
     return pids
 
 
+def _replica_pids(expected: int) -> list[int]:
+    """PIDs of the live replicas as `lmfleet status` reports them (each replica reports its own;
+    Ray's state API needs the dashboard, which lmfleet does not start), checked against the
+    processes Ray titles as replicas."""
+    from lmfleet.cluster.ray_serve import cluster_status
+
+    deadline = time.monotonic() + 30
+    while True:
+        pids = sorted(r["pid"] for r in cluster_status()["replicas"] if r["age_s"] < 2)
+        if len(pids) == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert pids == sorted(_titled_replica_pids()), pids
+    return pids
+
+
 def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> None:
     url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=1)
-    pids = _replica_pids()
-    assert len(pids) == 2
+    pids = _replica_pids(2)
 
     async def load() -> list[int]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -187,7 +201,7 @@ def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> No
     while True:
         states = replica_status()["deployments"]["LLMReplica"]["replicas"]
         healthy = httpx.get(f"{url}/health", timeout=5).status_code == 200
-        if states.get("RUNNING") == 2 and healthy and pids[0] not in _replica_pids():
+        if states.get("RUNNING") == 2 and healthy and pids[0] not in _titled_replica_pids():
             break
         assert time.monotonic() < deadline, states
         time.sleep(0.5)
@@ -197,7 +211,7 @@ def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> No
 
 def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(model_dir, cluster) -> None:
     url = deploy(model_dir, cluster, replicas=1, cpus_per_replica=1)
-    (pid,) = _replica_pids()
+    (pid,) = _replica_pids(1)
     body = {"model": NAME, "prompt": "The", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
     events = []
     started = time.monotonic()

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
@@ -45,46 +47,78 @@ def grpc_port():
     return free_port()
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, grpc_port):
+class Server(NamedTuple):
+    url: str
+    proc: subprocess.Popen
+    cluster: bool  # 2 replicas on a local Ray Serve behind one endpoint
+
+
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def server(request, model_dir, grpc_port, tmp_path_factory):
+    """The same `lmfleet serve` command, as one process and as 2 replicas on a local Ray Serve
+    (`--replicas 2`): every test using this fixture runs against both. Stopped by SIGTERM; for the
+    cluster, no process it started may be left afterwards."""
+    cluster = request.param == "cluster"
     port = free_port()
     cmd = [sys.executable, "-c", "from lmfleet.cli import main; main()", "serve", str(model_dir), "--port", str(port),
-           "--grpc-port", str(grpc_port), "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
+           "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
            "--max-body-bytes", "1MiB", "--log-level", "warning", "--shutdown-timeout", "30"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd += ["--replicas", "2", "--cpus-per-replica", "1"] if cluster else ["--grpc-port", str(grpc_port)]
+    log = tmp_path_factory.mktemp("server-log") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + (240 if cluster else 90)
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 break
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"server did not become healthy:\n{proc.stdout.read()}")
+            raise RuntimeError(f"server did not become healthy:\n{log.read_text()}")
         time.sleep(0.2)
-    yield url, proc
+    started = psutil.Process(proc.pid).children(recursive=True)
+    yield Server(url, proc, cluster)
     if proc.poll() is None:
+        started += psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Prometheus text -> {name{labels}: value} for lmfleet samples."""
+    """Prometheus text -> {name{labels}: value} for lmfleet samples (a cluster's carry a
+    `replica` label; `metric` sums over labels)."""
     values = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("lmfleet:"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
+    return values
+
+
+def settled(server: Server, timeout: float = 20.0) -> dict[str, float]:
+    """The metrics once every finished request is in them: at once for one process; a cluster's
+    replicas push theirs every half second, so scrape until two scrapes a push apart agree."""
+    values = scrape(server.url)
+    deadline = time.monotonic() + timeout
+    while server.cluster and time.monotonic() < deadline:
+        time.sleep(1.2)
+        again = scrape(server.url)
+        if again == values:
+            break
+        values = again
     return values
 
 
@@ -174,7 +208,7 @@ def test_stop_strings_and_logprobs(client, engine) -> None:
 
 
 def test_models_version_and_health(server, client) -> None:
-    url, _ = server
+    url = server.url
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(f"{url}/version").json()["version"]
     assert httpx.get(f"{url}/health").status_code == 200
@@ -182,8 +216,8 @@ def test_models_version_and_health(server, client) -> None:
 
 
 def test_64_concurrent_streams_and_consistent_metrics(server) -> None:
-    url, _ = server
-    before = scrape(url)
+    url = server.url
+    before = settled(server)
 
     async def one(aclient: openai.AsyncOpenAI, i: int) -> tuple[str, dict]:
         stream = await aclient.completions.create(model=NAME, prompt=f"request {i}: def f", max_tokens=8 + i % 9,
@@ -204,7 +238,7 @@ def test_64_concurrent_streams_and_consistent_metrics(server) -> None:
 
     results = asyncio.run(main())
     assert len(results) == 64 and all(usage is not None for _, usage in results)
-    after = scrape(url)
+    after = settled(server)
     prompt = sum(u.prompt_tokens for _, u in results)
     completion = sum(u.completion_tokens for _, u in results)
     assert completion == sum(8 + i % 9 for i in range(64))
@@ -218,8 +252,9 @@ def test_64_concurrent_streams_and_consistent_metrics(server) -> None:
 
 
 def test_client_dropping_a_stream_frees_its_blocks(server) -> None:
-    url, _ = server
-    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": 200, "stream": True, "ignore_eos": True,
+    url = server.url
+    before = settled(server)
+    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": 240, "stream": True, "ignore_eos": True,
             "temperature": 0}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
@@ -227,6 +262,9 @@ def test_client_dropping_a_stream_frees_its_blocks(server) -> None:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]  # a few events, then hang up
         assert any(line.startswith("data: {") for line in received)
+        deadline = time.monotonic() + 5  # a cluster's metrics arrive within a push interval
+        while metric(scrape(url), "lmfleet:kv_cache_usage_perc") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert metric(scrape(url), "lmfleet:kv_cache_usage_perc") > 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -234,9 +272,11 @@ def test_client_dropping_a_stream_frees_its_blocks(server) -> None:
         if metric(values, "lmfleet:kv_cache_usage_perc") == 0 and metric(values, "lmfleet:num_requests_running") == 0:
             break
         time.sleep(0.1)
-    values = scrape(url)
+    values = settled(server)
     assert metric(values, "lmfleet:kv_cache_usage_perc") == 0
     assert metric(values, "lmfleet:num_requests_running") == 0
+    # Abandoned, not finished: the engine stopped well before the 240 tokens asked for.
+    assert metric(values, "lmfleet:generation_tokens_total") - metric(before, "lmfleet:generation_tokens_total") < 240
 
 
 BAD = [
@@ -267,7 +307,7 @@ BAD = [
 
 @pytest.mark.parametrize("case,path,body,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_an_openai_error(server, case, path, body, status, param) -> None:
-    url, _ = server
+    url = server.url
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{url}{path}", content=data, headers=headers, timeout=30)
@@ -283,14 +323,14 @@ def test_bad_input_gets_an_openai_error(server, case, path, body, status, param)
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0000000"}, {"Authorization": KEY}],
                          ids=["no key", "wrong key", "no Bearer"])
 def test_api_key_required(server, headers) -> None:
-    url, _ = server
+    url = server.url
     response = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_bench_serve_measures_the_server(server) -> None:
-    url, _ = server
+    url = server.url
     result = run_cli("bench", "serve", "--url", url, "--api-key", KEY, "--num-prompts", "8", "--concurrency", "4",
                      "--input-len-range", "4:12", "--output-len-range", "3:6", "--token-id-range", "10:300", "--json")
     assert result.returncode == 0, result.stderr
@@ -400,6 +440,7 @@ def test_health_is_503_while_loading(model_dir) -> None:
         assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("server", ["single"], indirect=True)  # gRPC is a single-server option
 def test_grpc_streams_the_same_tokens_as_http(server, grpc_port, client, engine) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -517,7 +558,7 @@ def test_tls_on_http_and_grpc(model_dir, tmp_path) -> None:
 
 def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
     """Last test of the module: it stops the shared server."""
-    url, proc = server
+    url, proc = server.url, server.proc
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
     result = {}
 
@@ -535,6 +576,7 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
     deadline = time.monotonic() + 10
     while metric(scrape(url), "lmfleet:num_requests_running") == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert worker.is_alive(), "the request ended before SIGTERM: nothing was tested"
     os.kill(proc.pid, signal.SIGTERM)
     worker.join(timeout=60)
     assert result.get("reason") == "length"  # all 200 tokens arrived

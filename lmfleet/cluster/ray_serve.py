@@ -37,6 +37,7 @@ APP_NAME = "lmfleet"
 METRICS_STORE = "lmfleet-metrics"
 NAMESPACE = "lmfleet"
 MAX_ATTEMPTS = 3
+METRICS_PUSH_S = 0.5  # how often each replica sends its metrics to the store the ingress reads
 PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
 
 
@@ -110,21 +111,22 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
 
 @ray.remote(num_cpus=0)
 class MetricsStore:
-    """The latest Prometheus text of every replica (pushed every second or two)."""
+    """The latest Prometheus text of every replica (each pushes every METRICS_PUSH_S)."""
 
     def __init__(self) -> None:
-        self.texts: dict[str, tuple[float, str]] = {}
+        self.texts: dict[str, tuple[float, str, dict[str, Any]]] = {}
 
-    def put(self, replica: str, text: str) -> None:
-        self.texts[replica] = (time.time(), text)
+    def put(self, replica: str, text: str, where: dict[str, Any]) -> None:
+        """A replica's metrics text and where it runs (`pid`, `node`)."""
+        self.texts[replica] = (time.time(), text, where)
 
-    def raw(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str]]:
+    def raw(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str, dict[str, Any]]]:
         now = time.time()
-        return {r: (t, text) for r, (t, text) in self.texts.items() if now - t <= max_age_s}
+        return {r: entry for r, entry in self.texts.items() if now - entry[0] <= max_age_s}
 
     def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
         now = time.time()
-        return {r: text for r, (t, text) in self.texts.items() if now - t <= max_age_s}
+        return {r: text for r, (t, text, _) in self.texts.items() if now - t <= max_age_s}
 
 
 def relabel(texts: dict[str, str]) -> str:
@@ -166,6 +168,7 @@ class LLMReplica:
         self.engine = AsyncLLMEngine(LLMEngine(model_dir, **engine_kwargs))
         self.app = build_app(self.engine, ServeSettings(**settings))
         self.replica = serve.get_replica_context().replica_tag
+        self.where = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
         self.wedged_after_s = wedged_after_s
         self._store = None
         self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
@@ -175,10 +178,11 @@ class LLMReplica:
             try:
                 if self._store is None:
                     self._store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
-                await self._store.put.remote(self.replica, self.app.state.front.metrics.render().decode())
+                await self._store.put.remote(self.replica, self.app.state.front.metrics.render().decode(),
+                                             self.where)
             except Exception:  # noqa: BLE001 - metrics must never take a replica down
                 self._store = None
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(METRICS_PUSH_S)
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                      routing_key: str | None = None) -> AsyncIterator[Any]:
@@ -233,12 +237,38 @@ def _sse_error(message: str, code: str = "replica_failed") -> bytes:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 class Ingress:
-    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS, request_timeout_s: float = 600.0):
+    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS, request_timeout_s: float = 600.0,
+                 max_body_bytes: int = 4 * 2**20):
         self.llm = llm.options(stream=True)
         self.model_name = model_name
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
+        self.max_body_bytes = max_body_bytes
         self.retries = 0
+        self.in_flight = 0  # requests between arrival and their last byte
+        self.draining = False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503, /health too) and wait until those in flight have finished, at
+        most `timeout_s`; returns how many were still running."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None when it exceeds max_body_bytes (checked before it is all read)."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return None
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _first(self, request: Request, body: bytes, key: str | None,
                      current: list[Any]) -> tuple[Any, tuple, list[bytes]]:
@@ -269,9 +299,29 @@ class Ingress:
         path = request.url.path
         if path == "/metrics":
             return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        if self.draining:
+            if path == "/health":
+                return JSONResponse({"status": "unavailable", "reason": "the server is shutting down"}, status_code=503)
+            return JSONResponse(error_body("the server is shutting down", "service_unavailable", None,
+                                           "shutting_down"), status_code=503)
         if path == "/health":
             return await self._health()
-        body = await request.body()
+        self.in_flight += 1
+        streaming = False
+        try:
+            response = await self._forward(request, path)
+            if isinstance(response, StreamingResponse):
+                streaming = True  # the relay counts the request done after its last chunk
+            return response
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+
+    async def _forward(self, request: Request, path: str) -> Response:
+        body = await self._read_body(request)
+        if body is None:
+            return JSONResponse(error_body(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                           "invalid_request_error", None, "request_too_large"), status_code=413)
         key = routing_key(path, body, request.headers.get("x-session-id"))
         deadline = time.monotonic() + self.request_timeout_s
         timed_out = JSONResponse(error_body(f"the request took longer than {self.request_timeout_s:g} s",
@@ -311,6 +361,7 @@ class Ingress:
                 yield _sse_error(f"the replica serving this stream failed: {type(exc).__name__}")
             finally:
                 stream.cancel()
+                self.in_flight -= 1
 
         return StreamingResponse(relay(), status_code=status, headers=headers)
 
@@ -426,9 +477,15 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         options["num_replicas"] = replicas
     llm = LLMReplica.options(**options).bind(str(model_dir), engine_kwargs, asdict(settings),
                                              max(1, int(cpus_per_replica)))
-    serve.run(Ingress.bind(llm, settings.model_name, MAX_ATTEMPTS, request_timeout_s), name=app_name,
-              route_prefix="/")
+    serve.run(Ingress.bind(llm, settings.model_name, MAX_ATTEMPTS, request_timeout_s, settings.max_body_bytes),
+              name=app_name, route_prefix="/")
     return warnings
+
+
+def drain(timeout_s: float, app_name: str = APP_NAME) -> int:
+    """Stop taking requests at the endpoint and let those in flight finish (at most `timeout_s`);
+    returns how many were cut short."""
+    return serve.get_app_handle(app_name).drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
 
 
 def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
@@ -458,8 +515,8 @@ def cluster_status(ray_address: str = "auto", app_name: str = APP_NAME) -> dict[
     try:
         store = ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
         now = time.time()
-        for replica, (stamp, text) in sorted(ray.get(store.raw.remote()).items()):
-            replicas.append({"replica": replica, "age_s": now - stamp,
+        for replica, (stamp, text, where) in sorted(ray.get(store.raw.remote()).items()):
+            replicas.append({"replica": replica, "pid": where["pid"], "node": where["node"], "age_s": now - stamp,
                              "running": _sample(text, "lmfleet:num_requests_running"),
                              "waiting": _sample(text, "lmfleet:num_requests_waiting"),
                              "kv_cache_usage": _sample(text, "lmfleet:kv_cache_usage_perc"),
