@@ -16,34 +16,14 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
+from common import free_port, wait_healthy
 from lmfleet.serve import ServeSettings
 from lmfleet.serve.bench import BenchConfig, run_benchmark
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} never became healthy")
-        time.sleep(0.25)
 
 
 def bench(url: str, **kwargs) -> dict:

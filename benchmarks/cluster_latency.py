@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,11 +22,7 @@ import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import free_port, wait_healthy
 
 
 def p50_ms(client: httpx.Client, method: str, url: str, n: int, **kwargs) -> float:
@@ -47,18 +42,6 @@ def lmfleet_pair(client: httpx.Client, url: str, n: int) -> tuple[float, float]:
     body = {"model": "m", "prompt": "def add(a, b):", "max_tokens": 1, "temperature": 0}
     return (p50_ms(client, "GET", f"{url}/v1/models", n),
             p50_ms(client, "POST", f"{url}/v1/completions", n, json=body))
-
-
-def wait_healthy(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} never became healthy")
 
 
 def bare_ray_serve(client: httpx.Client, port: int, n: int) -> tuple[float, float]:

@@ -12,25 +12,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
 import torch
 
+from common import free_port, wait_healthy
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.engine.bench import synthetic_requests
 from lmfleet.model import ModelConfig, build_model, load_tokenizer, save_model
 from lmfleet.serve.bench import BenchConfig, run_benchmark
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -70,13 +63,7 @@ def main() -> None:
                                "--port", str(port), "--max-num-seqs", str(top), "--kv-cache-memory", kv,
                                "--no-prefix-caching", "--log-level", "warning"])
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url)
         results = {}
         for level in levels:
             cfg = BenchConfig(url, args.num_prompts if level > 1 else max(8, args.num_prompts // 8), level,
