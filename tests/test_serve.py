@@ -320,6 +320,22 @@ def test_bad_input_gets_an_openai_error(server, case, path, body, status, param)
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_chunked_body_over_the_limit_gets_413(server) -> None:
+    """No Content-Length to check up front: the limit (1 MiB here) holds while the body streams in."""
+    def body():
+        yield b'{"model": "tiny-chat", "prompt": "'
+        for _ in range(24):
+            yield b"x" * 65536
+        yield b'"}'
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/completions", content=body(), headers=headers, timeout=30)
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0000000"}, {"Authorization": KEY}],
                          ids=["no key", "wrong key", "no Bearer"])
 def test_api_key_required(server, headers) -> None:
