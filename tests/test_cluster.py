@@ -57,7 +57,8 @@ def deploy(model_dir, port, **kwargs):
     if ray.is_initialized():  # a fresh application each time, not a rolling update of the last one
         serve.delete(APP_NAME)
     engine_kwargs = kwargs.pop("engine_kwargs", {"kv_cache_memory": 4 * 2**20})
-    ray_deploy(str(model_dir), ServeSettings(NAME), engine_kwargs, port=port, **kwargs)
+    settings = kwargs.pop("settings", ServeSettings(NAME))
+    ray_deploy(str(model_dir), settings, engine_kwargs, port=port, **kwargs)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while httpx.get(f"{url}/health", timeout=5).status_code != 200:
@@ -112,6 +113,28 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
     report = json.loads(status.stdout)
     assert report["deployments"]["LLMReplica"]["replicas"] == {"RUNNING": 2}
     assert sorted(r["replica"] for r in report["replicas"]) == sorted(per_replica(text, "lmfleet:num_requests_running"))
+
+
+def test_keys_and_one_rate_limit_for_the_whole_endpoint(model_dir, cluster) -> None:
+    """Two replicas behind one endpoint still allow a key its rate once, not once per replica."""
+    key = "cluster-key-0123456789"
+    settings = ServeSettings(NAME, api_keys=[key], rate_limit=0.2, rate_burst=2, protect_metrics=True)
+    url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=1, settings=settings)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def post(prompt: str, headers: dict) -> httpx.Response:
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 2}
+        return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+
+    denied = post("a", {})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401  # --protect-metrics
+    assert httpx.get(f"{url}/metrics", headers=auth, timeout=10).status_code == 200
+    # Different prompts, so that the router spreads them over both replicas.
+    codes = [post(prompt, auth) for prompt in ("The quick", "def add(a, b):", "Data flows one way")]
+    assert [c.status_code for c in codes] == [200, 200, 429], [c.text for c in codes]
+    assert codes[2].json()["error"]["code"] == "rate_limit_exceeded" and int(codes[2].headers["Retry-After"]) >= 1
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # no key needed
 
 
 async def _shared_prefix_load(url: str, n: int, concurrency: int = 4) -> None:

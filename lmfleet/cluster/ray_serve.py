@@ -31,7 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lmfleet.cluster import router as routing
 from lmfleet.cluster import stats
 from lmfleet.errors import ConfigError
-from lmfleet.serve.app import ServeSettings, error_body
+from lmfleet.serve.app import APIError, ServeSettings, check_access, error_body
+from lmfleet.serve.auth import KeyChecker, RateLimiter
 
 APP_NAME = "lmfleet"
 METRICS_STORE = "lmfleet-metrics"
@@ -237,13 +238,18 @@ def _sse_error(message: str, code: str = "replica_failed") -> bytes:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 class Ingress:
-    def __init__(self, llm: Any, model_name: str, max_attempts: int = MAX_ATTEMPTS, request_timeout_s: float = 600.0,
-                 max_body_bytes: int = 4 * 2**20):
+    def __init__(self, llm: Any, settings: dict[str, Any], max_attempts: int = MAX_ATTEMPTS,
+                 request_timeout_s: float = 600.0):
         self.llm = llm.options(stream=True)
-        self.model_name = model_name
+        self.settings = ServeSettings(**settings)
+        # Keys and the per-key rate limit are enforced here, once for the whole endpoint: a limit
+        # counted by each replica would let N replicas admit N times the rate.
+        self.checker = KeyChecker(self.settings.api_keys)
+        self.limiter = RateLimiter(self.settings.rate_limit, self.settings.rate_burst) \
+            if self.settings.rate_limit else None
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = self.settings.max_body_bytes
         self.retries = 0
         self.in_flight = 0  # requests between arrival and their last byte
         self.draining = False
@@ -297,6 +303,13 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
+        if path not in ("/health", "/version") and (path != "/metrics" or self.settings.protect_metrics):
+            try:
+                check_access(self.checker, self.limiter if path != "/metrics" else None,
+                             request.headers.get("authorization"))
+            except APIError as exc:
+                return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                                    headers=exc.headers)
         if path == "/metrics":
             return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
         if self.draining:
@@ -475,10 +488,11 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
                                          "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}
     else:
         options["num_replicas"] = replicas
-    llm = LLMReplica.options(**options).bind(str(model_dir), engine_kwargs, asdict(settings),
+    # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
+    replica_settings = asdict(settings) | {"rate_limit": None, "rate_burst": None}
+    llm = LLMReplica.options(**options).bind(str(model_dir), engine_kwargs, replica_settings,
                                              max(1, int(cpus_per_replica)))
-    serve.run(Ingress.bind(llm, settings.model_name, MAX_ATTEMPTS, request_timeout_s, settings.max_body_bytes),
-              name=app_name, route_prefix="/")
+    serve.run(Ingress.bind(llm, asdict(settings), MAX_ATTEMPTS, request_timeout_s), name=app_name, route_prefix="/")
     return warnings
 
 

@@ -172,6 +172,22 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             stream.close()
 
 
+def check_access(checker: KeyChecker, limiter: RateLimiter | None, authorization: str | None) -> str:
+    """The caller's key id; APIError 401 without a valid key (when keys are set), 429 over the rate."""
+    key_id = "anonymous"
+    if checker.enabled:
+        key_id = checker.identify(authorization)
+        if key_id is None:
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    if limiter is not None:
+        wait = limiter.acquire(key_id)
+        if wait > 0:
+            raise APIError(429, "request rate limit reached for this API key", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return key_id
+
+
 class Frontend:
     """What every protocol front (HTTP, gRPC) shares: the engine slot, keys, limits, admission
     and request start-up. Failures are APIErrors; each front maps them to its own status codes."""
@@ -191,19 +207,7 @@ class Frontend:
         return self.engine.status()
 
     def authorize(self, authorization: str | None) -> str:
-        """The caller's key id; 401 without a valid key (when keys are set), 429 over the rate."""
-        key_id = "anonymous"
-        if self.checker.enabled:
-            key_id = self.checker.identify(authorization)
-            if key_id is None:
-                raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-        if self.limiter is not None:
-            wait = self.limiter.acquire(key_id)
-            if wait > 0:
-                raise APIError(429, "request rate limit reached for this API key", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        return key_id
+        return check_access(self.checker, self.limiter, authorization)
 
     def ready_engine(self) -> AsyncLLMEngine:
         if self.draining:
