@@ -46,8 +46,10 @@ PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routin
 
 async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> AsyncIterator[Any]:
-    """Run one HTTP request through an ASGI app in this process: yields (status, headers) once,
-    then the body chunks. Closing the iterator early disconnects the request (a stream aborts)."""
+    """Run one HTTP request through an ASGI app in this process: yields (status, headers, body,
+    more) once, with whatever body was already sent (a whole JSON answer, usually), then, while
+    `more`, the next body chunks. Closing the iterator early disconnects the request (a stream
+    aborts). Each item crosses a process boundary, so a JSON answer travels as one item."""
     queue: asyncio.Queue = asyncio.Queue()
     disconnected = asyncio.Event()
     sent = False
@@ -70,6 +72,17 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
              "scheme": "http", "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
     task = asyncio.create_task(app(scope, receive, send))
     task.add_done_callback(lambda _: queue.put_nowait(None))
+    def ready_body(body: bytearray, more: bool) -> tuple[bytearray, bool]:
+        """Append the body chunks already waiting, so that they go out as one item."""
+        while more and not queue.empty():
+            following = queue.get_nowait()
+            if following is None or following["type"] != "http.response.body":
+                queue.put_nowait(following)
+                break
+            body += following.get("body", b"")
+            more = following.get("more_body", False)
+        return body, more
+
     complete = False
     try:
         while True:
@@ -80,17 +93,14 @@ async def asgi_call(app: Any, method: str, path: str, query: bytes, headers: lis
                     raise task.exception()
                 return
             if message["type"] == "http.response.start":
-                yield message["status"], [(k.decode(), v.decode()) for k, v in message.get("headers", [])]
+                body, more = ready_body(bytearray(), True)
+                complete = not more
+                yield (message["status"], [(k.decode(), v.decode()) for k, v in message.get("headers", [])],
+                       bytes(body), more)
+                if complete:
+                    return
             elif message["type"] == "http.response.body":
-                # Chunks already waiting go out together: each item crosses a process boundary.
-                body, more = bytearray(message.get("body", b"")), message.get("more_body", False)
-                while more and not queue.empty():
-                    following = queue.get_nowait()
-                    if following is None or following["type"] != "http.response.body":
-                        queue.put_nowait(following)
-                        break
-                    body += following.get("body", b"")
-                    more = following.get("more_body", False)
+                body, more = ready_body(bytearray(message.get("body", b"")), message.get("more_body", False))
                 if body:
                     yield bytes(body)
                 if not more:
@@ -187,7 +197,7 @@ class LLMReplica:
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                      routing_key: str | None = None) -> AsyncIterator[Any]:
-        """One forwarded HTTP request: yields (status, headers), then body chunks."""
+        """One forwarded HTTP request: see `asgi_call` for what it yields."""
         async for item in asgi_call(self.app, method, path, query, headers, body):
             yield item
 
@@ -277,9 +287,11 @@ class Ingress:
         return b"".join(chunks)
 
     async def _first(self, request: Request, body: bytes, key: str | None,
-                     current: list[Any]) -> tuple[Any, tuple, list[bytes]]:
-        """Send to a replica and wait for its status and first chunk; retried on another replica
-        when the replica dies before sending anything (nothing reached the client yet)."""
+                     current: list[Any]) -> tuple[Any, int, list[tuple[str, str]], list[bytes], bool]:
+        """Send to a replica and wait for its status and first chunk (the whole answer, when it
+        came with the status); retried on another replica when the replica dies before sending
+        anything (nothing reached the client yet). Returns the stream, status, headers, the body
+        so far and whether more follows."""
         headers = [(k, v) for k, v in request.scope["headers"]]
         last_error: Exception | None = None
         for _ in range(self.max_attempts):
@@ -287,13 +299,14 @@ class Ingress:
                                             headers, body, routing_key=key)
             current[:] = [stream]  # so that a timeout can cancel it
             try:
-                start = await stream.__anext__()
-                first: list[bytes] = []
-                try:
-                    first.append(await stream.__anext__())
-                except StopAsyncIteration:
-                    pass
-                return stream, start, first
+                status, headers, chunk, more = await stream.__anext__()
+                first = [chunk] if chunk else []
+                if more and not first:
+                    try:
+                        first.append(await stream.__anext__())
+                    except StopAsyncIteration:
+                        more = False
+                return stream, status, headers, first, more
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 last_error = exc
                 self.retries += 1
@@ -341,8 +354,8 @@ class Ingress:
                                             "timeout_error", None, "timeout"), status_code=504)
         current: list[Any] = []
         try:
-            stream, (status, headers), first = await asyncio.wait_for(self._first(request, body, key, current),
-                                                                      self.request_timeout_s)
+            stream, status, headers, first, more = await asyncio.wait_for(
+                self._first(request, body, key, current), self.request_timeout_s)
         except RuntimeError as exc:
             return JSONResponse(error_body(str(exc), "service_unavailable", None, "no_replica"), status_code=503)
         except asyncio.TimeoutError:
@@ -350,6 +363,8 @@ class Ingress:
                 pending.cancel()  # the replica aborts the request and frees its blocks
             return timed_out
         headers = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
+        if not more:  # the whole answer came with the status
+            return Response(b"".join(first), status_code=status, headers=headers)
         if "text/event-stream" not in headers.get("content-type", ""):
             try:
                 chunks = first + await asyncio.wait_for(self._drain(stream), max(0.0, deadline - time.monotonic()))
