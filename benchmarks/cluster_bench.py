@@ -97,7 +97,8 @@ def main() -> None:
         shutdown()
 
     n = args.replicas
-    scaling = results[f"ray{n}_saturated"]["output_token_throughput"] / results["ray1_saturated"]["output_token_throughput"]
+    ray_n, ray_1 = results[f"ray{n}_saturated"], results["ray1_saturated"]
+    scaling = ray_n["output_token_throughput"] / ray_1["output_token_throughput"]
     overhead_ms = (results["ray1_c1"]["ttft_s"]["median"] - results["single_c1"]["ttft_s"]["median"]) * 1e3
     print(f"model {args.model}; {os.cpu_count()} cores; load generator on the same machine")
     for key, r in results.items():

@@ -434,8 +434,8 @@ def status(
     for column in ("replica", "node", "pid", "running", "waiting", "kv cache", "generated tokens", "last report"):
         table.add_column(column)
     for r in result["replicas"]:
-        table.add_row(r["replica"], r["node"], str(r["pid"]), f"{r['running']:g}", f"{r['waiting']:g}", f"{r['kv_cache_usage']:.0%}",
-                      f"{r['generation_tokens']:g}", f"{r['age_s']:.1f} s ago")
+        table.add_row(r["replica"], r["node"], str(r["pid"]), f"{r['running']:g}", f"{r['waiting']:g}",
+                      f"{r['kv_cache_usage']:.0%}", f"{r['generation_tokens']:g}", f"{r['age_s']:.1f} s ago")
     out.print(table)
 
 

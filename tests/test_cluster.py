@@ -164,7 +164,8 @@ def test_prefix_affinity_beats_default_routing(model_dir, cluster, tokenizer) ->
         asyncio.run(_shared_prefix_load(url, 64))
         time.sleep(2.5)
         text = scrape(url)
-        rates[router] = total(text, "lmfleet:prefix_cache_hits_total") / total(text, "lmfleet:prefix_cache_queries_total")
+        hits, queries = total(text, "lmfleet:prefix_cache_hits_total"), total(text, "lmfleet:prefix_cache_queries_total")
+        rates[router] = hits / queries
         served = per_replica(text, "lmfleet:request_success_total")
         shares[router] = max(served.values()) / sum(served.values())
     assert rates["prefix"] > rates["pow2"] + 0.1, rates

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lmfleet.cluster import router as routing
 from lmfleet.cluster import stats
 from lmfleet.errors import ConfigError
-from lmfleet.serve.app import APIError, ServeSettings, check_access, error_body
+from lmfleet.serve.app import APIError, ServeSettings, body_too_large, check_access, error_body
 from lmfleet.serve.auth import KeyChecker, RateLimiter
 
 APP_NAME = "lmfleet"
@@ -136,8 +136,7 @@ class MetricsStore:
         return {r: entry for r, entry in self.texts.items() if now - entry[0] <= max_age_s}
 
     def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
-        now = time.time()
-        return {r: text for r, (t, text, _) in self.texts.items() if now - t <= max_age_s}
+        return {r: text for r, (_, text, _) in self.raw(max_age_s).items()}
 
 
 def relabel(texts: dict[str, str]) -> str:
@@ -201,9 +200,6 @@ class LLMReplica:
         async for item in asgi_call(self.app, method, path, query, headers, body):
             yield item
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose check fails: the engine loop died, or it holds
         requests and has not finished a step for `wedged_after_s`."""
@@ -241,6 +237,12 @@ def routing_key(path: str, body: bytes, session: str | None) -> str | None:
     return hashlib.sha256(json.dumps(head).encode()).hexdigest()[:32]
 
 
+def _error(exc: APIError) -> JSONResponse:
+    """An APIError as the OpenAI-shaped JSON answer the single server gives."""
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
 def _sse_error(message: str, code: str = "replica_failed") -> bytes:
     return f"data: {json.dumps(error_body(message, 'service_unavailable', None, code))}\n\n" \
            "data: [DONE]\n\n".encode()
@@ -259,8 +261,6 @@ class Ingress:
             if self.settings.rate_limit else None
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
-        self.max_body_bytes = self.settings.max_body_bytes
-        self.retries = 0
         self.in_flight = 0  # requests between arrival and their last byte
         self.draining = False
 
@@ -275,13 +275,14 @@ class Ingress:
 
     async def _read_body(self, request: Request) -> bytes | None:
         """The body, or None when it exceeds max_body_bytes (checked before it is all read)."""
+        limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             return None
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
-            if total > self.max_body_bytes:
+            if total > limit:
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
@@ -292,11 +293,11 @@ class Ingress:
         came with the status); retried on another replica when the replica dies before sending
         anything (nothing reached the client yet). Returns the stream, status, headers, the body
         so far and whether more follows."""
-        headers = [(k, v) for k, v in request.scope["headers"]]
+        forwarded = list(request.scope["headers"])
         last_error: Exception | None = None
         for _ in range(self.max_attempts):
             stream = self.llm.handle.remote(request.method, request.url.path, request.scope.get("query_string", b""),
-                                            headers, body, routing_key=key)
+                                            forwarded, body, routing_key=key)
             current[:] = [stream]  # so that a timeout can cancel it
             try:
                 status, headers, chunk, more = await stream.__anext__()
@@ -309,7 +310,6 @@ class Ingress:
                 return stream, status, headers, first, more
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 last_error = exc
-                self.retries += 1
                 stats.DECISIONS["retried"] += 1
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"no replica could take the request after {self.max_attempts} attempts: {last_error}")
@@ -321,15 +321,13 @@ class Ingress:
                 check_access(self.checker, self.limiter if path != "/metrics" else None,
                              request.headers.get("authorization"))
             except APIError as exc:
-                return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                                    headers=exc.headers)
+                return _error(exc)
         if path == "/metrics":
             return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
         if self.draining:
             if path == "/health":
                 return JSONResponse({"status": "unavailable", "reason": "the server is shutting down"}, status_code=503)
-            return JSONResponse(error_body("the server is shutting down", "service_unavailable", None,
-                                           "shutting_down"), status_code=503)
+            return _error(APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down"))
         if path == "/health":
             return await self._health()
         self.in_flight += 1
@@ -346,22 +344,24 @@ class Ingress:
     async def _forward(self, request: Request, path: str) -> Response:
         body = await self._read_body(request)
         if body is None:
-            return JSONResponse(error_body(f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                           "invalid_request_error", None, "request_too_large"), status_code=413)
+            return _error(body_too_large(self.settings.max_body_bytes))
         key = routing_key(path, body, request.headers.get("x-session-id"))
         deadline = time.monotonic() + self.request_timeout_s
-        timed_out = JSONResponse(error_body(f"the request took longer than {self.request_timeout_s:g} s",
-                                            "timeout_error", None, "timeout"), status_code=504)
+
+        def timed_out() -> JSONResponse:
+            return _error(APIError(504, f"the request took longer than {self.request_timeout_s:g} s",
+                                   "timeout_error", code="timeout"))
+
         current: list[Any] = []
         try:
             stream, status, headers, first, more = await asyncio.wait_for(
                 self._first(request, body, key, current), self.request_timeout_s)
         except RuntimeError as exc:
-            return JSONResponse(error_body(str(exc), "service_unavailable", None, "no_replica"), status_code=503)
+            return _error(APIError(503, str(exc), "service_unavailable", code="no_replica"))
         except asyncio.TimeoutError:
             for pending in current:
                 pending.cancel()  # the replica aborts the request and frees its blocks
-            return timed_out
+            return timed_out()
         headers = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
         if not more:  # the whole answer came with the status
             return Response(b"".join(first), status_code=status, headers=headers)
@@ -370,7 +370,7 @@ class Ingress:
                 chunks = first + await asyncio.wait_for(self._drain(stream), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 stream.cancel()
-                return timed_out
+                return timed_out()
             return Response(b"".join(chunks), status_code=status, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -414,7 +414,8 @@ class Ingress:
                   "# TYPE lmfleet:router_prefix_hits_total counter",
                   f"lmfleet:router_prefix_hits_total {stats.DECISIONS['prefix_hit']}",
                   "# HELP lmfleet:router_retries_total Requests retried on another replica.",
-                  "# TYPE lmfleet:router_retries_total counter", f"lmfleet:router_retries_total {self.retries}"]
+                  "# TYPE lmfleet:router_retries_total counter",
+                  f"lmfleet:router_retries_total {stats.DECISIONS['retried']}"]
         return "\n".join(lines) + "\n"
 
     async def _health(self) -> Response:
@@ -448,8 +449,9 @@ def check_resources(replicas_needed: int, cpus_per_replica: float, gpus_per_repl
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if replicas_needed * cpus_per_replica > cpus:
-        raise ConfigError(f"{replicas_needed} replica(s) x {cpus_per_replica} CPU need {replicas_needed * cpus_per_replica:g}"
-                          f" CPUs; the Ray cluster has {cpus:g}. Lower --cpus-per-replica or add nodes")
+        raise ConfigError(f"{replicas_needed} replica(s) x {cpus_per_replica} CPU need "
+                          f"{replicas_needed * cpus_per_replica:g} CPUs; the Ray cluster has {cpus:g}. "
+                          "Lower --cpus-per-replica or add nodes")
     if replicas_needed * gpus_per_replica > gpus:
         raise ConfigError(f"{replicas_needed} replica(s) x {gpus_per_replica} GPU need "
                           f"{replicas_needed * gpus_per_replica:g} GPUs; the Ray cluster has {gpus:g}")

@@ -69,7 +69,7 @@ class PagedAttention:
         k_cache.index_copy_(0, self.slot_mapping, new_k)
         v_cache.index_copy_(0, self.slot_mapping, new_v)
         if self.decode_only:
-            return self._decode(q, k_cache, v_cache, q[0].transpose(0, 1))[None].transpose(1, 2)
+            return self._decode(k_cache, v_cache, q[0].transpose(0, 1))[None].transpose(1, 2)
         out = torch.empty_like(q)
         for s in self.prefills:
             qs = q[:, :, s.start:s.start + s.length]
@@ -86,11 +86,10 @@ class PagedAttention:
                 qs, ks, vs, attn_mask=mask, enable_gqa=True)
         if len(self.decode_index):
             qd = q[0, :, self.decode_index].transpose(0, 1)
-            out[0, :, self.decode_index] = self._decode(q, k_cache, v_cache, qd).transpose(0, 1)
+            out[0, :, self.decode_index] = self._decode(k_cache, v_cache, qd).transpose(0, 1)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                qd: torch.Tensor) -> torch.Tensor:
+    def _decode(self, k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Tensor) -> torch.Tensor:
         """Attention of the decode queries qd [B, H, D] over their cached context -> [B, H, D].
 
         Grouped-query: the query heads sharing a KV head become that head's query rows, so K/V are

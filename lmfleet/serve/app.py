@@ -73,6 +73,10 @@ def _param_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+
+
 class _BodyLimit:
     """ASGI middleware: bodies over `limit` bytes get 413 before the app reads them."""
 
@@ -80,9 +84,9 @@ class _BodyLimit:
         self.app, self.limit = app, limit
 
     async def _reject(self, send: Any) -> None:
-        body = json.dumps(error_body(f"request body exceeds the limit of {self.limit} bytes", "invalid_request_error",
-                                     None, "request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
+        exc = body_too_large(self.limit)
+        body = json.dumps(error_body(exc.message, exc.type, exc.param, exc.code)).encode()
+        await send({"type": "http.response.start", "status": exc.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
