@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="8,16,32")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 runs of each (the best is taken)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
@@ -100,7 +101,7 @@ def main() -> None:
             torch.empty(0, dtype=dtype).element_size()
         kv_bytes = int(1.2 * per_token * sum(len(p) + n + 16 for p, n in requests))
         engine = LLMEngine(tmp, dtype=dtype, device=args.device, max_num_seqs=max(64, args.num_prompts),
-                           enable_prefix_caching=False, kv_cache_memory=kv_bytes)
+                           enable_prefix_caching=False, kv_cache_memory=kv_bytes, enforce_eager=args.enforce_eager)
 
     def run_engine() -> float:
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
@@ -150,6 +151,7 @@ def main() -> None:
     result = {
         "machine": machine, "flavor": args.flavor, "model_set": args.model_set,
         "params_M": round(config.num_params() / 1e6, 1), "dtype": args.dtype, "device": args.device,
+        "cuda_graphs": engine.runner.graphs is not None,
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
         "engine_output_tok_s": useful / t_engine, "hf_best_batch": best_b,
         "hf_output_tok_s": {b: useful / t for b, t in hf_times.items()},
@@ -159,7 +161,8 @@ def main() -> None:
         "decode_bound_tok_s": bound, "decode_fraction_of_bound": (n / d_engine) / bound,
     }
     print(f"machine: {machine}")
-    print(f"model: {args.flavor} ({result['params_M']}M params), {args.dtype} on {args.device}")
+    print(f"model: {args.flavor} ({result['params_M']}M params), {args.dtype} on {args.device}, "
+          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
     print(f"offline, {args.num_prompts} requests (in {args.input_len}, out {args.output_len}), output tok/s:")
     print(f"  lmfleet engine (continuous batching)   {useful / t_engine:>10,.1f}")
     for b, t in hf_times.items():

@@ -309,6 +309,7 @@ def serve(
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
+    enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
     rate_limit: Annotated[Optional[float], typer.Option(help="Requests per second per API key (token bucket); "
                                                         "over it: 429.")] = None,
     rate_burst: Annotated[Optional[int], typer.Option(help="Burst size of the rate limit.")] = None,
@@ -360,6 +361,7 @@ def serve(
                              rate_limit, rate_burst, protect_metrics, grpc_port, host, ssl_key, ssl_cert)
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
+                         enforce_eager=enforce_eager,
                          kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
@@ -450,6 +452,7 @@ def bench_offline(
     max_num_batched_tokens: Annotated[int, typer.Option(help="Tokens per engine step at most.")] = 2048,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Offline throughput: requests/s, output and total tokens/s, prefix-cache hit rate."""
@@ -461,7 +464,7 @@ def bench_offline(
     input_len = parse_range(input_len_range, "--input-len-range")
     output_len = parse_range(output_len_range, "--output-len-range")
     engine = LLMEngine(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, enforce_eager=enforce_eager)
     with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("bench", total=num_prompts)

@@ -87,13 +87,18 @@ def test_runner_fused_and_packed_linears_equal_the_plain_model(rows) -> None:
         torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_model_matches_hf(tmp_path) -> None:
+@pytest.mark.parametrize("graph_shaped", [False, True], ids=["eager", "graph-shaped"])
+def test_sliding_window_model_matches_hf(tmp_path, graph_shaped) -> None:
     config = ModelConfig.from_flavor("debug", model_type="mistral", sliding_window=8, tie_word_embeddings=False)
     model = build_model(config, seed=5)
     save_model(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompts = [[(i * 37 + j * 11) % 1000 for j in range(n)] for i, n in enumerate((3, 9, 20, 33))]
     engine = LLMEngine(model, max_num_batched_tokens=16, block_size=4)
+    if graph_shaped:  # the fixed-shape decode CUDA graphs capture, run eagerly (see below)
+        from lmfleet.engine.decode_graphs import DecodeGraphs
+
+        engine.runner.graphs = DecodeGraphs(engine.runner, 64, engine.max_model_len, capture=False)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     with torch.no_grad():
         for p, out in zip(prompts, outputs):
@@ -281,3 +286,51 @@ def test_n_choices_share_the_prompt_blocks(model_and_hf) -> None:
     assert [s.num_cached_tokens for s in seqs[1:]] == [36, 36]  # 9 full blocks of the 37-token prompt
     assert len({tuple(o.token_ids) for o in done.outputs}) == 3  # each choice has its own seed
     assert engine.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("settings_", [
+    dict(),
+    dict(max_num_seqs=5, block_size=4),  # batches of 5, 4, 3.. padded to captured sizes; wide tables
+    dict(num_blocks=10, max_num_batched_tokens=64),  # preemption between graph-shaped steps
+], ids=["default", "padded-batches-small-blocks", "preemption"])
+def test_graph_shaped_decode_matches_hf(model_and_hf, prompts, hf_greedy, settings_) -> None:
+    """The fixed-shape decode that CUDA graphs capture (padded batch, padded block tables, masks
+    built on the device, padding rows writing to the scratch block), run eagerly on CPU: the same
+    greedy tokens as HF one prompt at a time, and every decode-only step went through it."""
+    from lmfleet.engine.decode_graphs import DecodeGraphs
+
+    model, _ = model_and_hf
+    engine = LLMEngine(model, **settings_)
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(runner, engine.scheduler.max_num_seqs, engine.max_model_len, capture=False)
+    shapes = []
+    original = runner.graphs._forward
+    runner.graphs._forward = lambda rows, width: shapes.append((rows, width)) or original(rows, width)
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == hf_greedy
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+    assert shapes and {rows for rows, _ in shapes} <= set(runner.graphs.batch_sizes)
+    assert {width for _, width in shapes} <= set(runner.graphs.block_widths)
+
+
+def test_graph_buckets_cover_every_batch_and_context() -> None:
+    from lmfleet.engine.decode_graphs import batch_buckets, block_buckets, bucket
+
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]
+    assert block_buckets(1) == [1]
+    assert block_buckets(16) == [1, 2, 4, 8, 16]
+    assert block_buckets(20) == [1, 2, 4, 8, 16, 20]
+    for limit in (1, 5, 64, 100):
+        sizes = batch_buckets(limit)
+        assert all(n <= bucket(n, sizes) <= limit for n in range(1, limit + 1))
+
+
+def test_cuda_graphs_need_cuda() -> None:
+    from lmfleet.engine.runner import ModelRunner
+
+    model = build_model(ModelConfig.from_flavor("debug"), seed=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        ModelRunner(model, num_blocks=4, block_size=16, cuda_graphs=True)

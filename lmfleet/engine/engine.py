@@ -87,7 +87,7 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, num_blocks: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  dtype: str | torch.dtype = "fp32", device: str = "auto", max_model_len: int | None = None,
-                 tensor_parallel_size: int = 1, seed: int = 0):
+                 tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool = False):
         if tensor_parallel_size != 1:
             raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -116,7 +116,9 @@ class LLMEngine:
             raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        # CUDA graphs for decode-only steps on CUDA, unless enforce_eager.
+        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, self.max_model_len,
+                                  cuda_graphs=self.model.embed_tokens.weight.is_cuda and not enforce_eager)
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}

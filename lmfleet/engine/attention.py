@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache.
+
+The model hands each attention layer's q/k/v for the step's new tokens to a cache object
+(`Transformer.forward(..., cache=)`), which writes the new keys/values into their cache slots and
+attends. `PagedAttention` serves a regular step: a sequence's prefill chunk against its cached
+context, and all single-token decodes together in one padded call. `StaticDecodeAttention`
+serves a decode step of fixed shape built from device tensors only, as CUDA graphs need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmfleet.model.transformer import attention_mask
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # offset in the flat batch
+    length: int  # new tokens (> 1)
+    context: int  # tokens in the cache after this step (cached + new)
+    fresh: bool  # no cached context before this step
+    slots: torch.Tensor | None = None  # cache slots of all `context` tokens, when needed
+
+
+def decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Tensor, slots: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of single-token queries qd [B, H, D] over their cached context -> [B, H, D]; `slots`
+    [B * ctx] are the cache slots of each row's context (padded), `mask` [B, 1, 1, ctx] or None.
+
+    Grouped-query: the query heads sharing a KV head become that head's query rows, so K/V are
+    gathered once per KV head and never repeated."""
+    batch, n_heads, head_dim = qd.shape
+    n_kv = k_cache.shape[1]
+    qd = qd.reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, KVH, H/KVH, D]
+    shape = (batch, -1, n_kv, head_dim)
+    kd = k_cache.index_select(0, slots).view(shape).permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
+    vd = v_cache.index_select(0, slots).view(shape).permute(0, 2, 1, 3)
+    od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+    return od.reshape(batch, n_heads, head_dim)
+
+
+class PagedAttention:
+    """The attention cache of one step; passed to the model as `cache=`.
+
+    Built from plain lists in a few tensor operations, whatever the batch size: the slot of every
+    new token (where its K/V go), the prefill segments, and for the decodes a padded slot table
+    [B, max_ctx] with its mask, so that all decodes attend in one call."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, block_size: int,
+                 slot_mapping: list[int], prefills: list[PrefillSegment], prefill_tables: list[list[int]],
+                 decode_rows: list[int], decode_tables: list[list[int]], decode_context: list[int]):
+        self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
+        device = k_cache.device
+        self.slot_mapping = torch.tensor(slot_mapping, device=device)
+        offsets = torch.arange(block_size)
+        for seg, table in zip(prefills, prefill_tables):
+            if not seg.fresh or (window is not None and seg.length > window):
+                blocks = torch.tensor(table, dtype=torch.long)
+                seg.slots = (blocks[:, None] * block_size + offsets).flatten()[:seg.context].to(device)
+        self.prefills = prefills
+        self.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
+        # Every token of the step is a decode (the steady state): no scatter of the outputs.
+        self.decode_only = not prefills and len(decode_rows) == len(slot_mapping)
+        if decode_rows:
+            max_blocks = max(len(t) for t in decode_tables)
+            blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+            max_ctx = max(decode_context)
+            slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]
+            context = torch.tensor(decode_context)[:, None]
+            key_pos = torch.arange(max_ctx)[None]
+            mask = key_pos < context  # padding slots point at block 0 and are masked out
+            if window is not None:
+                mask &= key_pos >= context - window
+            self.decode_slots = slots.flatten().to(device)  # [B * max_ctx]
+            # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
+            self.decode_mask = None if bool(mask.all()) else mask[:, None, None, :].to(device)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]  # [slots, KVH, D]
+        new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, KVH, D]
+        k_cache.index_copy_(0, self.slot_mapping, new_k)
+        v_cache.index_copy_(0, self.slot_mapping, new_v)
+        if self.decode_only:
+            return decode_attention(k_cache, v_cache, q[0].transpose(0, 1), self.decode_slots,
+                                    self.decode_mask)[None].transpose(1, 2)
+        out = torch.empty_like(q)
+        for s in self.prefills:
+            qs = q[:, :, s.start:s.start + s.length]
+            if s.slots is None:  # fresh and within the window: plain causal attention on the chunk
+                ks, vs = k[:, :, s.start:s.start + s.length], v[:, :, s.start:s.start + s.length]
+                out[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, enable_gqa=True)
+                continue
+            ks = k_cache.index_select(0, s.slots).transpose(0, 1)[None]  # [1, KVH, ctx, D]
+            vs = v_cache.index_select(0, s.slots).transpose(0, 1)[None]
+            q_pos = torch.arange(s.context - s.length, s.context, device=q.device)
+            mask = attention_mask(q_pos, torch.arange(s.context, device=q.device), self.window)
+            out[:, :, s.start:s.start + s.length] = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        if len(self.decode_index):
+            qd = q[0, :, self.decode_index].transpose(0, 1)
+            out[0, :, self.decode_index] = decode_attention(k_cache, v_cache, qd, self.decode_slots,
+                                                            self.decode_mask).transpose(0, 1)
+        return out
+
+class StaticDecodeAttention(PagedAttention):
+    """The cache of a fixed-shape decode step, computed on the device from tensors alone (no host
+    synchronisation, so it can be captured in a CUDA graph): `slot_mapping` [B] (where the new K/V
+    go), `block_tables` [B, W] and `context_lens` [B]; every row attends over W blocks, masked."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, block_size: int,
+                 slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor):
+        self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
+        self.slot_mapping, self.prefills, self.decode_only = slot_mapping, [], True
+        device = block_tables.device
+        offsets = torch.arange(block_size, device=device)
+        self.decode_slots = (block_tables[:, :, None] * block_size + offsets).flatten()  # [B * W * block_size]
+        key_pos = torch.arange(block_tables.shape[1] * block_size, device=device)[None]
+        context = context_lens[:, None]
+        mask = key_pos < context
+        if window is not None:
+            mask &= key_pos >= context - window
+        self.decode_mask = mask[:, None, None, :]

@@ -1,0 +1,122 @@
+"""Decode steps as CUDA graphs: the whole forward of a step made only of single-token decodes,
+captured once per shape and replayed, so a step costs one launch instead of hundreds.
+
+A graph needs fixed shapes and addresses. The step's inputs (token ids, positions, cache slots of
+the new tokens, context lengths, block tables) live in preallocated buffers that each step fills;
+the batch is padded up to a captured batch size and the block tables up to a captured number of
+blocks (powers of two). Padding rows write their K/V into a scratch block that no sequence owns,
+and their logits are dropped. The attention is built from these device tensors alone
+(`StaticDecodeAttention`), with no host synchronisation.
+
+Graphs are captured on first use of a shape and share one memory pool. Off CUDA the same padded,
+fixed-shape forward runs eagerly (`capture=False`), which is how the CPU tests check it token for
+token against the regular path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmfleet.engine.attention import StaticDecodeAttention
+from lmfleet.engine.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:
+    from lmfleet.engine.runner import ModelRunner
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then multiples of 16, the last one covering max_num_seqs."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs] if not sizes or sizes[-1] < max_num_seqs else sizes
+
+
+def block_buckets(max_blocks: int) -> list[int]:
+    """Captured block-table widths: powers of two, the last one `max_blocks`."""
+    sizes = []
+    width = 1
+    while width < max_blocks:
+        sizes.append(width)
+        width *= 2
+    return sizes + [max_blocks]
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class DecodeGraphs:
+    """Runs decode-only steps of up to `max_num_seqs` sequences at a fixed shape, replaying a CUDA
+    graph per (batch size, block-table width) when `capture`."""
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, capture: bool):
+        self.runner, self.capture = runner, capture
+        bs = runner.block_size
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.block_widths = block_buckets(-(-max_model_len // bs))
+        rows, device = self.batch_sizes[-1], runner.device
+        # Rows: token id, position, slot of the new token, context length. Padding rows write to the
+        # scratch slot and attend to one (masked-in) position of block 0.
+        self.meta = torch.zeros(4, rows, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(rows, self.block_widths[-1], dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = None
+
+    def fits(self, batch: ScheduledBatch) -> bool:
+        return len(batch.seqs) <= self.batch_sizes[-1] and all(n == 1 for n in batch.num_new_tokens)
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [len(batch.seqs), vocab] of a decode-only batch (every row)."""
+        bs, scratch = self.runner.block_size, self.runner.scratch_slot
+        n = len(batch.seqs)
+        rows = bucket(n, self.batch_sizes)
+        meta = [[0] * rows, [0] * rows, [scratch] * rows, [1] * rows]
+        tables = []
+        for i, seq in enumerate(batch.seqs):
+            pos = seq.num_computed_tokens
+            meta[0][i], meta[1][i] = seq.token_ids[pos], pos
+            meta[2][i], meta[3][i] = seq.block_table[pos // bs] * bs + pos % bs, pos + 1
+            tables.append(seq.block_table[:pos // bs + 1])
+        width = bucket(max(len(t) for t in tables), self.block_widths)
+        tables += [[]] * (rows - n)
+        self.meta[:, :rows].copy_(torch.tensor(meta))
+        self.block_tables[:rows, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables]))
+        if not self.capture:
+            return self._forward(rows, width)[:n]
+        graph = self.graphs.get((rows, width)) or self._capture(rows, width)
+        graph.graph.replay()
+        return graph.logits[:n]
+
+    def _forward(self, rows: int, width: int) -> torch.Tensor:
+        r = self.runner
+        ids, positions, slots, context = self.meta[:, :rows]
+        attention = StaticDecodeAttention(r.k_cache, r.v_cache, r.window, r.block_size, slots,
+                                          self.block_tables[:rows, :width], context)
+        hidden = r.model.hidden_states(ids[None], positions, cache=attention)
+        return r.model.lm_head(hidden[0])
+
+    def _capture(self, rows: int, width: int) -> _Graph:
+        # Warm up on a side stream (library handles and workspaces are created outside the capture);
+        # the warm-up computes this very step, and writes the same K/V the replay will write again.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(rows, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine may run on a server's background thread while others use CUDA.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self._forward(rows, width)
+        self.graphs[(rows, width)] = entry = _Graph(graph, logits)
+        return entry
