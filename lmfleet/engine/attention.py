@@ -43,6 +43,19 @@ def decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Ten
     return od.reshape(batch, n_heads, head_dim)
 
 
+def split_by_context(context_lens: list[int], max_groups: int, min_rows: int = 4) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of decodes sorted by context length: up to `max_groups` groups of at least
+    `min_rows` rows when that cuts the padded context by a fifth or more, else one group."""
+    n = len(context_lens)
+    groups = min(max_groups, n // min_rows)
+    if groups <= 1:
+        return [(0, n)] if n else []
+    bounds = [n * g // groups for g in range(groups + 1)]
+    ranges = list(zip(bounds, bounds[1:]))
+    padded = sum((hi - lo) * max(context_lens[lo:hi]) for lo, hi in ranges)
+    return ranges if padded <= 0.8 * n * max(context_lens) else [(0, n)]
+
+
 class PagedAttention:
     """The attention cache of one step; passed to the model as `cache=`.
 
@@ -52,7 +65,8 @@ class PagedAttention:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, block_size: int,
                  slot_mapping: list[int], prefills: list[PrefillSegment], prefill_tables: list[list[int]],
-                 decode_rows: list[int], decode_tables: list[list[int]], decode_context: list[int]):
+                 decode_rows: list[int], decode_tables: list[list[int]], decode_context: list[int],
+                 max_decode_groups: int = 1):
         self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
         device = k_cache.device
         self.slot_mapping = torch.tensor(slot_mapping, device=device)
@@ -65,19 +79,31 @@ class PagedAttention:
         self.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
         # Every token of the step is a decode (the steady state): no scatter of the outputs.
         self.decode_only = not prefills and len(decode_rows) == len(slot_mapping)
-        if decode_rows:
-            max_blocks = max(len(t) for t in decode_tables)
-            blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
-            max_ctx = max(decode_context)
-            slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]
-            context = torch.tensor(decode_context)[:, None]
-            key_pos = torch.arange(max_ctx)[None]
-            mask = key_pos < context  # padding slots point at block 0 and are masked out
-            if window is not None:
-                mask &= key_pos >= context - window
-            self.decode_slots = slots.flatten().to(device)  # [B * max_ctx]
-            # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
-            self.decode_mask = None if bool(mask.all()) else mask[:, None, None, :].to(device)
+        # Decodes attend in groups of rows with similar context lengths (given in ascending order),
+        # each padded to its own longest context, when that saves enough padding.
+        self.decode_groups = [self._decode_group(decode_tables[lo:hi], decode_context[lo:hi], block_size, lo, hi)
+                              for lo, hi in split_by_context(decode_context, max_decode_groups)]
+
+    def _decode_group(self, tables: list[list[int]], context_lens: list[int], block_size: int,
+                      lo: int, hi: int) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+        """Rows lo:hi of the decodes: their padded cache slots [rows * max_ctx] and mask."""
+        device = self.k_cache.device
+        max_ctx = max(context_lens)
+        max_blocks = -(-max_ctx // block_size)
+        blocks = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables])
+        slots = (blocks[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :max_ctx]
+        context = torch.tensor(context_lens)[:, None]
+        key_pos = torch.arange(max_ctx)[None]
+        mask = key_pos < context  # padding slots point at block 0 and are masked out
+        if self.window is not None:
+            mask &= key_pos >= context - self.window
+        # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
+        return lo, hi, slots.flatten().to(device), None if bool(mask.all()) else mask[:, None, None, :].to(device)
+
+    def _decode(self, k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Tensor) -> torch.Tensor:
+        outs = [decode_attention(k_cache, v_cache, qd[lo:hi], slots, mask)
+                for lo, hi, slots, mask in self.decode_groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]  # [slots, KVH, D]
@@ -85,8 +111,7 @@ class PagedAttention:
         k_cache.index_copy_(0, self.slot_mapping, new_k)
         v_cache.index_copy_(0, self.slot_mapping, new_v)
         if self.decode_only:
-            return decode_attention(k_cache, v_cache, q[0].transpose(0, 1), self.decode_slots,
-                                    self.decode_mask)[None].transpose(1, 2)
+            return self._decode(k_cache, v_cache, q[0].transpose(0, 1))[None].transpose(1, 2)
         out = torch.empty_like(q)
         for s in self.prefills:
             qs = q[:, :, s.start:s.start + s.length]
@@ -103,8 +128,7 @@ class PagedAttention:
                 qs, ks, vs, attn_mask=mask, enable_gqa=True)
         if len(self.decode_index):
             qd = q[0, :, self.decode_index].transpose(0, 1)
-            out[0, :, self.decode_index] = decode_attention(k_cache, v_cache, qd, self.decode_slots,
-                                                            self.decode_mask).transpose(0, 1)
+            out[0, :, self.decode_index] = self._decode(k_cache, v_cache, qd).transpose(0, 1)
         return out
 
 class StaticDecodeAttention(PagedAttention):
@@ -118,10 +142,10 @@ class StaticDecodeAttention(PagedAttention):
         self.slot_mapping, self.prefills, self.decode_only = slot_mapping, [], True
         device = block_tables.device
         offsets = torch.arange(block_size, device=device)
-        self.decode_slots = (block_tables[:, :, None] * block_size + offsets).flatten()  # [B * W * block_size]
+        slots = (block_tables[:, :, None] * block_size + offsets).flatten()  # [B * W * block_size]
         key_pos = torch.arange(block_tables.shape[1] * block_size, device=device)[None]
         context = context_lens[:, None]
         mask = key_pos < context
         if window is not None:
             mask &= key_pos >= context - window
-        self.decode_mask = mask[:, None, None, :]
+        self.decode_groups = [(0, len(context_lens), slots, mask[:, None, None, :])]

@@ -98,6 +98,9 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.scratch_slot = num_blocks * block_size
+        # On CPU, decodes attend in up to 4 groups of similar context length (less padding to gather
+        # and attend over); on CUDA, in one call (the host is the bottleneck there).
+        self.max_decode_groups = 4 if self.device.type == "cpu" else 1
         self.window = cfg.sliding_window
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
@@ -126,7 +129,11 @@ class ModelRunner:
         decode_rows, decode_tables, decode_context = [], [], []
         sample_rows, sample_idx = [], []
         offset = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        order = range(len(batch.seqs))
+        if self.max_decode_groups > 1:  # decodes in ascending context order, to group them
+            order = sorted(order, key=lambda i: batch.seqs[i].num_computed_tokens)
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start, table = seq.num_computed_tokens, seq.block_table
             if n == 1:
                 tokens.append(seq.token_ids[start])
@@ -148,7 +155,8 @@ class ModelRunner:
         ids = torch.tensor([tokens], device=self.device)
         pos = torch.tensor(positions, device=self.device)
         attention = PagedAttention(self.k_cache, self.v_cache, self.window, bs, slot_mapping, prefills,
-                                   prefill_tables, decode_rows, decode_tables, decode_context)
+                                   prefill_tables, decode_rows, decode_tables, decode_context,
+                                   self.max_decode_groups)
         hidden = self.model.hidden_states(ids, pos, cache=attention)
         if not sample_rows:
             return torch.zeros(0, self.model.config.vocab_size), []
