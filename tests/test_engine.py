@@ -334,3 +334,14 @@ def test_cuda_graphs_need_cuda() -> None:
     model = build_model(ModelConfig.from_flavor("debug"), seed=0)
     with pytest.raises(ValueError, match="CUDA"):
         ModelRunner(model, num_blocks=4, block_size=16, cuda_graphs=True)
+
+
+def test_decodes_split_into_groups_only_when_padding_drops() -> None:
+    from lmfleet.engine.attention import split_by_context
+
+    assert split_by_context([10] * 4 + [100] * 4, max_groups=4) == [(0, 4), (4, 8)]  # 440 vs 800 padded
+    assert split_by_context([90] * 4 + [100] * 4, max_groups=4) == [(0, 8)]  # 760 > 0.8 * 800
+    assert split_by_context(list(range(1, 17)), max_groups=4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert split_by_context(list(range(1, 17)), max_groups=1) == [(0, 16)]
+    assert split_by_context([5, 50, 500], max_groups=4) == [(0, 3)]  # fewer than 2 groups of 4 rows
+    assert split_by_context([], max_groups=4) == []
