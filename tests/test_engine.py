@@ -345,3 +345,21 @@ def test_decodes_split_into_groups_only_when_padding_drops() -> None:
     assert split_by_context(list(range(1, 17)), max_groups=1) == [(0, 16)]
     assert split_by_context([5, 50, 500], max_groups=4) == [(0, 3)]  # fewer than 2 groups of 4 rows
     assert split_by_context([], max_groups=4) == []
+
+
+def test_a_failed_graph_capture_falls_back_to_eager(model_and_hf, prompts, hf_greedy) -> None:
+    from lmfleet.engine.decode_graphs import DecodeGraphs
+
+    model, _ = model_and_hf
+    engine = LLMEngine(model)
+    graphs = DecodeGraphs(engine.runner, engine.scheduler.max_num_seqs, engine.max_model_len, capture=False)
+
+    def fail(batch):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs.run = fail
+    engine.runner.graphs = graphs
+    with pytest.warns(RuntimeWarning, match="decode steps run eagerly"):
+        outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == hf_greedy
+    assert engine.runner.graphs is None

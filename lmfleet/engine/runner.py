@@ -8,6 +8,8 @@ form of their weights.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -119,8 +121,15 @@ class ModelRunner:
         """Logits [n, vocab] (fp32) for the sequences that complete their known tokens this step,
         and their indices in `batch.seqs`."""
         if self.graphs is not None and self.graphs.fits(batch):
-            rows = [i for i, seq in enumerate(batch.seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
-            return self.graphs.run(batch)[rows].float(), rows
+            try:
+                logits = self.graphs.run(batch)
+            except RuntimeError as exc:  # an operation this build cannot capture, no memory left, ...
+                warnings.warn(f"CUDA graph capture failed ({exc}); decode steps run eagerly from now on",
+                              RuntimeWarning, stacklevel=2)
+                self.graphs = None
+            else:
+                rows = [i for i, seq in enumerate(batch.seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
+                return logits[rows].float(), rows
         bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
