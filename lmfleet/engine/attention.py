@@ -43,6 +43,16 @@ def decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Ten
     return od.reshape(batch, n_heads, head_dim)
 
 
+def context_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[rows, keys] bool: key position p is visible to a decode whose context is c when p < c (and
+    p >= c - window with a sliding window)."""
+    context = context_lens[:, None]
+    mask = key_pos[None] < context
+    if window is not None:
+        mask &= key_pos[None] >= context - window
+    return mask
+
+
 def split_by_context(context_lens: list[int], max_groups: int, min_rows: int = 4) -> list[tuple[int, int]]:
     """Row ranges [lo, hi) of decodes sorted by context length: up to `max_groups` groups of at least
     `min_rows` rows when that cuts the padded context by a fifth or more, else one group."""
@@ -60,8 +70,9 @@ class PagedAttention:
     """The attention cache of one step; passed to the model as `cache=`.
 
     Built from plain lists in a few tensor operations, whatever the batch size: the slot of every
-    new token (where its K/V go), the prefill segments, and for the decodes a padded slot table
-    [B, max_ctx] with its mask, so that all decodes attend in one call."""
+    new token (where its K/V go), the prefill segments, and for the decodes padded slot tables
+    [rows, max_ctx] with their masks, so that all decodes attend in one call (or, on CPU, one call
+    per group of similar context lengths)."""
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, block_size: int,
                  slot_mapping: list[int], prefills: list[PrefillSegment], prefill_tables: list[list[int]],
@@ -92,11 +103,8 @@ class PagedAttention:
         max_blocks = -(-max_ctx // block_size)
         blocks = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables])
         slots = (blocks[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :max_ctx]
-        context = torch.tensor(context_lens)[:, None]
-        key_pos = torch.arange(max_ctx)[None]
-        mask = key_pos < context  # padding slots point at block 0 and are masked out
-        if self.window is not None:
-            mask &= key_pos >= context - self.window
+        # Padding slots point at block 0 and are masked out.
+        mask = context_mask(torch.arange(max_ctx), torch.tensor(context_lens), self.window)
         # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
         return lo, hi, slots.flatten().to(device), None if bool(mask.all()) else mask[:, None, None, :].to(device)
 
@@ -143,9 +151,5 @@ class StaticDecodeAttention(PagedAttention):
         device = block_tables.device
         offsets = torch.arange(block_size, device=device)
         slots = (block_tables[:, :, None] * block_size + offsets).flatten()  # [B * W * block_size]
-        key_pos = torch.arange(block_tables.shape[1] * block_size, device=device)[None]
-        context = context_lens[:, None]
-        mask = key_pos < context
-        if window is not None:
-            mask &= key_pos >= context - window
+        mask = context_mask(torch.arange(block_tables.shape[1] * block_size, device=device), context_lens, window)
         self.decode_groups = [(0, len(context_lens), slots, mask[:, None, None, :])]
