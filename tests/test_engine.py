@@ -48,6 +48,15 @@ def hf_greedy(model_and_hf, prompts):
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
+def graph_shaped(engine: LLMEngine):
+    """Decode-only steps through the fixed-shape forward that CUDA graphs capture, run eagerly."""
+    from lmfleet.engine.decode_graphs import DecodeGraphs
+
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(runner, engine.scheduler.max_num_seqs, engine.max_model_len, capture=False)
+    return runner.graphs
+
+
 @pytest.mark.parametrize("settings_", [
     dict(),
     dict(enable_prefix_caching=False),
@@ -87,18 +96,16 @@ def test_runner_fused_and_packed_linears_equal_the_plain_model(rows) -> None:
         torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("graph_shaped", [False, True], ids=["eager", "graph-shaped"])
-def test_sliding_window_model_matches_hf(tmp_path, graph_shaped) -> None:
+@pytest.mark.parametrize("shaped", [False, True], ids=["eager", "graph-shaped"])
+def test_sliding_window_model_matches_hf(tmp_path, shaped) -> None:
     config = ModelConfig.from_flavor("debug", model_type="mistral", sliding_window=8, tie_word_embeddings=False)
     model = build_model(config, seed=5)
     save_model(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompts = [[(i * 37 + j * 11) % 1000 for j in range(n)] for i, n in enumerate((3, 9, 20, 33))]
     engine = LLMEngine(model, max_num_batched_tokens=16, block_size=4)
-    if graph_shaped:  # the fixed-shape decode CUDA graphs capture, run eagerly (see below)
-        from lmfleet.engine.decode_graphs import DecodeGraphs
-
-        engine.runner.graphs = DecodeGraphs(engine.runner, 64, engine.max_model_len, capture=False)
+    if shaped:
+        graph_shaped(engine)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     with torch.no_grad():
         for p, out in zip(prompts, outputs):
@@ -297,20 +304,17 @@ def test_graph_shaped_decode_matches_hf(model_and_hf, prompts, hf_greedy, settin
     """The fixed-shape decode that CUDA graphs capture (padded batch, padded block tables, masks
     built on the device, padding rows writing to the scratch block), run eagerly on CPU: the same
     greedy tokens as HF one prompt at a time, and every decode-only step went through it."""
-    from lmfleet.engine.decode_graphs import DecodeGraphs
-
     model, _ = model_and_hf
     engine = LLMEngine(model, **settings_)
-    runner = engine.runner
-    runner.graphs = DecodeGraphs(runner, engine.scheduler.max_num_seqs, engine.max_model_len, capture=False)
+    graphs = graph_shaped(engine)
     shapes = []
-    original = runner.graphs._forward
-    runner.graphs._forward = lambda rows, width: shapes.append((rows, width)) or original(rows, width)
+    original = graphs._forward
+    graphs._forward = lambda rows, width: shapes.append((rows, width)) or original(rows, width)
     outputs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == hf_greedy
     assert engine.num_free_blocks == engine.block_manager.num_blocks
-    assert shapes and {rows for rows, _ in shapes} <= set(runner.graphs.batch_sizes)
-    assert {width for _, width in shapes} <= set(runner.graphs.block_widths)
+    assert shapes and {rows for rows, _ in shapes} <= set(graphs.batch_sizes)
+    assert {width for _, width in shapes} <= set(graphs.block_widths)
 
 
 def test_graph_buckets_cover_every_batch_and_context() -> None:
@@ -348,17 +352,13 @@ def test_decodes_split_into_groups_only_when_padding_drops() -> None:
 
 
 def test_a_failed_graph_capture_falls_back_to_eager(model_and_hf, prompts, hf_greedy) -> None:
-    from lmfleet.engine.decode_graphs import DecodeGraphs
-
     model, _ = model_and_hf
     engine = LLMEngine(model)
-    graphs = DecodeGraphs(engine.runner, engine.scheduler.max_num_seqs, engine.max_model_len, capture=False)
 
     def fail(batch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    graphs.run = fail
-    engine.runner.graphs = graphs
+    graph_shaped(engine).run = fail
     with pytest.warns(RuntimeWarning, match="decode steps run eagerly"):
         outputs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == hf_greedy

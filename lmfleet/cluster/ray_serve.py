@@ -239,8 +239,7 @@ def routing_key(path: str, body: bytes, session: str | None) -> str | None:
 
 def _error(exc: APIError) -> JSONResponse:
     """An APIError as the OpenAI-shaped JSON answer the single server gives."""
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def _sse_error(message: str, code: str = "replica_failed") -> bytes:

@@ -43,14 +43,16 @@ def decode_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Ten
     return od.reshape(batch, n_heads, head_dim)
 
 
-def context_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[rows, keys] bool: key position p is visible to a decode whose context is c when p < c (and
-    p >= c - window with a sliding window)."""
-    context = context_lens[:, None]
-    mask = key_pos[None] < context
-    if window is not None:
-        mask &= key_pos[None] >= context - window
-    return mask
+def token_slots(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of every token position of the given block ids: [..., n] -> [..., n * block_size]."""
+    return (blocks[..., None] * block_size + torch.arange(block_size, device=blocks.device)).flatten(-2)
+
+
+def decode_mask(context_lens: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[rows, 1, 1, keys] bool: which of the first `num_keys` cached positions the decode of each
+    row (its query at position context - 1) may attend to."""
+    key_pos = torch.arange(num_keys, device=context_lens.device)
+    return attention_mask((context_lens - 1)[:, None], key_pos, window)[:, None]
 
 
 def split_by_context(context_lens: list[int], max_groups: int, min_rows: int = 4) -> list[tuple[int, int]]:
@@ -81,32 +83,29 @@ class PagedAttention:
         self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
         device = k_cache.device
         self.slot_mapping = torch.tensor(slot_mapping, device=device)
-        offsets = torch.arange(block_size)
         for seg, table in zip(prefills, prefill_tables):
             if not seg.fresh or (window is not None and seg.length > window):
-                blocks = torch.tensor(table, dtype=torch.long)
-                seg.slots = (blocks[:, None] * block_size + offsets).flatten()[:seg.context].to(device)
+                seg.slots = token_slots(torch.tensor(table), block_size)[:seg.context].to(device)
         self.prefills = prefills
         self.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
         # Every token of the step is a decode (the steady state): no scatter of the outputs.
         self.decode_only = not prefills and len(decode_rows) == len(slot_mapping)
         # Decodes attend in groups of rows with similar context lengths (given in ascending order),
         # each padded to its own longest context, when that saves enough padding.
-        self.decode_groups = [self._decode_group(decode_tables[lo:hi], decode_context[lo:hi], block_size, lo, hi)
+        self.decode_groups = [(lo, hi, *self._padded(decode_tables[lo:hi], decode_context[lo:hi], block_size))
                               for lo, hi in split_by_context(decode_context, max_decode_groups)]
 
-    def _decode_group(self, tables: list[list[int]], context_lens: list[int], block_size: int,
-                      lo: int, hi: int) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
-        """Rows lo:hi of the decodes: their padded cache slots [rows * max_ctx] and mask."""
-        device = self.k_cache.device
+    def _padded(self, tables: list[list[int]], context_lens: list[int],
+                block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache slots [rows * max_ctx] of decodes padded to their longest context (padding slots
+        point at block 0), and their mask: None when nothing is padded or windowed."""
         max_ctx = max(context_lens)
         max_blocks = -(-max_ctx // block_size)
-        blocks = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables])
-        slots = (blocks[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :max_ctx]
-        # Padding slots point at block 0 and are masked out.
-        mask = context_mask(torch.arange(max_ctx), torch.tensor(context_lens), self.window)
-        # No mask at all when nothing is padded or windowed (a single decode, equal lengths).
-        return lo, hi, slots.flatten().to(device), None if bool(mask.all()) else mask[:, None, None, :].to(device)
+        blocks = torch.tensor([(t + [0] * max_blocks)[:max_blocks] for t in tables])
+        slots = token_slots(blocks, block_size)[:, :max_ctx].flatten()
+        mask = decode_mask(torch.tensor(context_lens), max_ctx, self.window)
+        device = self.k_cache.device
+        return slots.to(device), None if bool(mask.all()) else mask.to(device)
 
     def _decode(self, k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Tensor) -> torch.Tensor:
         outs = [decode_attention(k_cache, v_cache, qd[lo:hi], slots, mask)
@@ -148,8 +147,5 @@ class StaticDecodeAttention(PagedAttention):
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor):
         self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
         self.slot_mapping, self.prefills, self.decode_only = slot_mapping, [], True
-        device = block_tables.device
-        offsets = torch.arange(block_size, device=device)
-        slots = (block_tables[:, :, None] * block_size + offsets).flatten()  # [B * W * block_size]
-        mask = context_mask(torch.arange(block_tables.shape[1] * block_size, device=device), context_lens, window)
-        self.decode_groups = [(0, len(context_lens), slots, mask[:, None, None, :])]
+        self.decode_groups = [(0, len(context_lens), token_slots(block_tables, block_size).flatten(),
+                               decode_mask(context_lens, block_tables.shape[1] * block_size, window))]

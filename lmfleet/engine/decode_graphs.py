@@ -64,9 +64,9 @@ class DecodeGraphs:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.block_widths = block_buckets(-(-max_model_len // bs))
         rows, device = self.batch_sizes[-1], runner.device
-        # Rows: token id, position, slot of the new token, context length. Padding rows write to the
-        # scratch slot and attend to one (masked-in) position of block 0.
-        self.meta = torch.zeros(4, rows, dtype=torch.long, device=device)
+        # Rows: token id, position, slot of the new token. Padding rows (position 0) write to the
+        # scratch slot and attend to position 0 of block 0.
+        self.meta = torch.zeros(3, rows, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(rows, self.block_widths[-1], dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
@@ -79,12 +79,12 @@ class DecodeGraphs:
         bs, scratch = self.runner.block_size, self.runner.scratch_slot
         n = len(batch.seqs)
         rows = bucket(n, self.batch_sizes)
-        meta = [[0] * rows, [0] * rows, [scratch] * rows, [1] * rows]
+        meta = [[0] * rows, [0] * rows, [scratch] * rows]
         tables = []
         for i, seq in enumerate(batch.seqs):
             pos = seq.num_computed_tokens
             meta[0][i], meta[1][i] = seq.token_ids[pos], pos
-            meta[2][i], meta[3][i] = seq.block_table[pos // bs] * bs + pos % bs, pos + 1
+            meta[2][i] = seq.block_table[pos // bs] * bs + pos % bs
             tables.append(seq.block_table[:pos // bs + 1])
         width = bucket(max(len(t) for t in tables), self.block_widths)
         tables += [[]] * (rows - n)
@@ -98,9 +98,9 @@ class DecodeGraphs:
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         r = self.runner
-        ids, positions, slots, context = self.meta[:, :rows]
+        ids, positions, slots = self.meta[:, :rows]
         attention = StaticDecodeAttention(r.k_cache, r.v_cache, r.window, r.block_size, slots,
-                                          self.block_tables[:rows, :width], context)
+                                          self.block_tables[:rows, :width], positions + 1)
         hidden = r.model.hidden_states(ids[None], positions, cache=attention)
         return r.model.lm_head(hidden[0])
 

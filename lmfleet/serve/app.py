@@ -56,6 +56,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object."""
+        return error_body(self.message, self.type, self.param, self.code)
+
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -85,7 +89,7 @@ class _BodyLimit:
 
     async def _reject(self, send: Any) -> None:
         exc = body_too_large(self.limit)
-        body = json.dumps(error_body(exc.message, exc.type, exc.param, exc.code)).encode()
+        body = json.dumps(exc.body()).encode()
         await send({"type": "http.response.start", "status": exc.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
