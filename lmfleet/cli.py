@@ -163,29 +163,32 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
 ) -> None:
-    """Generate text from a prompt (simple sampler with a KV cache; for smoke tests)."""
-    from lmfleet.model import generate, load_model, load_tokenizer
-    from lmfleet.model.checkpoint import resolve_device
+    """Generate text from a prompt, through the serving engine (the same sampler and seeds as
+    `lmfleet serve`: the same seed gives the same text)."""
+    from lmfleet.engine import LLMEngine, SamplingParams
+    from lmfleet.model import load_tokenizer
+    from lmfleet.model.checkpoint import read_config
 
-    if top_k is not None and top_k <= 0:
-        raise ConfigError(f"--top-k={top_k} must be a positive integer")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p={top_p} must be in (0, 1]")
-    model = load_model(model_dir, dtype=dtype, device=resolve_device(device))
+    config = read_config(model_dir)
     tok = load_tokenizer(model_dir)
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
     else:
         ids = tok.encode(prompt)
-    stop = set(model.config.eos_token_ids) | set(tok.stop_ids)
-    detok = tok.detokenizer(skip_special_tokens=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or 0,
+                            top_p=1.0 if top_p is None else top_p, seed=seed)
+    block_size = 16  # a cache just large enough for this one request
+    num_blocks = -(-min(len(ids) + max_tokens, config.max_position_embeddings) // block_size)
+    engine = LLMEngine(model_dir, tok, dtype=dtype, device=device, max_num_seqs=1, block_size=block_size,
+                       num_blocks=max(1, num_blocks))
+    engine.add_request(ids, params)
     if not chat:
         sys.stdout.write(prompt)
-    for token in generate(model, ids, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, stop_ids=sorted(stop), seed=seed):
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -310,6 +313,8 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of the GPU's memory the engine may use "
+                                                               "(weights, activations, KV cache).")] = 0.9,
     rate_limit: Annotated[Optional[float], typer.Option(help="Requests per second per API key (token bucket); "
                                                         "over it: 429.")] = None,
     rate_burst: Annotated[Optional[int], typer.Option(help="Burst size of the rate limit.")] = None,
@@ -361,7 +366,7 @@ def serve(
                              rate_limit, rate_burst, protect_metrics, grpc_port, host, ssl_key, ssl_cert)
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
-                         enforce_eager=enforce_eager,
+                         enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                          kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
@@ -453,6 +458,7 @@ def bench_offline(
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of the GPU's memory the engine may use.")] = 0.9,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Offline throughput: requests/s, output and total tokens/s, prefix-cache hit rate."""
@@ -464,7 +470,8 @@ def bench_offline(
     input_len = parse_range(input_len_range, "--input-len-range")
     output_len = parse_range(output_len_range, "--output-len-range")
     engine = LLMEngine(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       dtype=dtype, device=device, enforce_eager=enforce_eager)
+                       dtype=dtype, device=device, enforce_eager=enforce_eager,
+                       gpu_memory_utilization=gpu_memory_utilization)
     with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("bench", total=num_prompts)

@@ -30,6 +30,11 @@ def prompts():
     rng = random.Random(0)
     prompts = [[rng.randrange(1024) for _ in range(rng.randint(2, 70))] for _ in range(16)]
     prompts[5] = prompts[2][:40] + [7, 8, 9]  # shares a prefix with another prompt
+    # Two prompts that share only their second 16-token block: a parent-blind block hash would hand
+    # the second one the first one's K/V for that block (computed after a different first block).
+    second = [rng.randrange(1024) for _ in range(16)]
+    prompts += [[rng.randrange(1024) for _ in range(16)] + second + [1, 2, 3],
+                [rng.randrange(1024) for _ in range(16)] + second + [4, 5, 6]]
     return prompts
 
 
@@ -66,12 +71,22 @@ def graph_shaped(engine: LLMEngine):
     dict(max_num_seqs=3, block_size=4),
 ], ids=["default", "no-prefix-cache", "chunked", "no-chunking", "preemption", "few-seqs-small-blocks"])
 def test_greedy_matches_hf_one_at_a_time(model_and_hf, prompts, hf_greedy, settings_) -> None:
+    """All prompts at once, then all again: the second wave finds every full prompt block in the
+    prefix cache (when it is on), so cached prefixes are checked against HF too."""
     model, _ = model_and_hf
     engine = LLMEngine(model, **settings_)
-    outputs = engine.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outputs] == hf_greedy
-    assert all(o.finish_reason == "length" for o in outputs)
-    assert engine.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
+    for wave in range(2):
+        outputs = engine.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outputs] == hf_greedy, f"wave {wave}"
+        assert all(o.finish_reason == "length" for o in outputs)
+        assert engine.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
+    if "num_blocks" in settings_:  # a pool this small evicts every cached block before the second wave
+        pass
+    elif settings_.get("enable_prefix_caching", True):
+        assert engine.block_manager.prefix_hits > 0
+        assert any(o.num_cached_tokens > 0 for o in outputs)
+    else:
+        assert engine.block_manager.prefix_hits == 0 and engine.block_manager.prefix_queries == 0
     if "num_blocks" in settings_:
         assert engine.scheduler.num_preemptions > 0
 
@@ -82,18 +97,21 @@ def test_runner_fused_and_packed_linears_equal_the_plain_model(rows) -> None:
     head row-adaptive); with every bias present its logits equal the plain model's."""
     import copy
 
-    from lmfleet.engine.runner import prepare_cpu_linears
+    from lmfleet.engine.linear import apply_linear_method
     config = ModelConfig.from_flavor("debug", qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=False)
     model = build_model(config, seed=7)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    fast = prepare_cpu_linears(copy.deepcopy(model).fuse_projections())
-    assert fast.layers[0].self_attn.qkv_proj is not None and not hasattr(fast.layers[0].mlp, "up_proj")
     ids = torch.randint(0, config.vocab_size, (1, rows))
-    with torch.inference_mode():
-        torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
+    for method in ("auto", "packed", "transposed", "dense"):
+        fast = apply_linear_method(copy.deepcopy(model).fuse_projections(), method)
+        assert fast.layers[0].self_attn.qkv_proj is not None and not hasattr(fast.layers[0].mlp, "up_proj")
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="linear_method='int3'"):
+        apply_linear_method(copy.deepcopy(model), "int3")
 
 
 @pytest.mark.parametrize("shaped", [False, True], ids=["eager", "graph-shaped"])
@@ -120,7 +138,7 @@ def test_seeded_sampling_alone_equals_in_batch(model_and_hf, prompts) -> None:
                             repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2, ignore_eos=True)
     alone = LLMEngine(model).generate([prompts[3]], params)[0].token_ids
     others = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
-    batch = LLMEngine(model).generate(prompts[:3] + [prompts[3]] + prompts[4:], [others] * 3 + [params] + [others] * 12)
+    batch = LLMEngine(model).generate(prompts, [others] * 3 + [params] + [others] * (len(prompts) - 4))
     assert batch[3].token_ids == alone
     again = LLMEngine(model).generate([prompts[3]], SamplingParams(**{**params.__dict__, "seed": 99}))[0].token_ids
     assert again != alone
@@ -307,13 +325,22 @@ def test_graph_shaped_decode_matches_hf(model_and_hf, prompts, hf_greedy, settin
     model, _ = model_and_hf
     engine = LLMEngine(model, **settings_)
     graphs = graph_shaped(engine)
-    shapes = []
-    original = graphs._forward
-    graphs._forward = lambda rows, width: shapes.append((rows, width)) or original(rows, width)
+    shapes, decode_steps = [], []
+    forward, execute = graphs._forward, engine.runner.execute
+    graphs._forward = lambda rows, width: shapes.append((rows, width)) or forward(rows, width)
+
+    def counting_execute(meta):
+        if meta.decode_only:
+            decode_steps.append(meta.num_seqs)
+        return execute(meta)
+
+    engine.runner.execute = counting_execute
     outputs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == hf_greedy
     assert engine.num_free_blocks == engine.block_manager.num_blocks
-    assert shapes and {rows for rows, _ in shapes} <= set(graphs.batch_sizes)
+    assert len(shapes) == len(decode_steps) > 0  # every decode-only step went through the fixed shape
+    assert sum(rows > n for (rows, _), n in zip(shapes, decode_steps)) > 0  # some were padded
+    assert {rows for rows, _ in shapes} <= set(graphs.batch_sizes)
     assert {width for _, width in shapes} <= set(graphs.block_widths)
 
 
@@ -351,15 +378,302 @@ def test_decodes_split_into_groups_only_when_padding_drops() -> None:
     assert split_by_context([], max_groups=4) == []
 
 
-def test_a_failed_graph_capture_falls_back_to_eager(model_and_hf, prompts, hf_greedy) -> None:
+class _EagerGraph:
+    """Stands in for a captured CUDA graph on CPU: `replay()` runs the fixed-shape forward."""
+
+    def __init__(self, graphs, rows, width):
+        self.graphs, self.rows, self.width = graphs, rows, width
+        self.logits = None
+
+    def replay(self):
+        self.logits = self.graphs._forward(self.rows, self.width)
+
+
+def _fake_capture(graphs, fail_shape, captured):
+    from lmfleet.engine.decode_graphs import _Graph
+
+    def capture(rows, width):
+        if (rows, width) == fail_shape:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append((rows, width))
+        fake = _EagerGraph(graphs, rows, width)
+        entry = _Graph(fake, None)
+        original = fake.replay
+
+        def replay():
+            original()
+            entry.logits = fake.logits
+
+        fake.replay = replay
+        graphs.graphs[(rows, width)] = entry
+        return entry
+    return capture
+
+
+def test_a_failed_graph_capture_disables_only_that_shape(model_and_hf, prompts, hf_greedy, caplog) -> None:
+    """Every shape is captured at start-up (one log line with the count); the shape whose capture
+    fails runs eagerly, every other shape still replays its graph, and the tokens equal HF's."""
+    import logging
+
+    model, _ = model_and_hf
+    engine = LLMEngine(model, max_num_seqs=16)
+    graphs = graph_shaped(engine)
+    graphs.capture = True
+    captured = []
+    graphs._capture = _fake_capture(graphs, (16, 8), captured)
+    with caplog.at_level(logging.INFO, logger="lmfleet.engine.decode_graphs"):
+        with pytest.warns(RuntimeWarning, match="16 sequences x 8 blocks failed"):
+            engine.runner.capture_graphs()
+    assert sorted(captured) == sorted(s for s in graphs.shapes if s != (16, 8)) and graphs.failed == {(16, 8)}
+    assert f"captured {len(graphs.shapes) - 1} decode CUDA graphs" in caplog.text
+    replayed, eager = [], []
+    run, execute = graphs.run, engine.runner.execute
+    graphs.run = lambda meta: (lambda out: (replayed if out is not None else eager).append(1) or out)(run(meta))
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == hf_greedy
+    assert replayed and eager  # 9-16 sequences with 5-8 blocks ran eagerly, the rest from graphs
+    assert engine.runner.graphs is graphs and len(captured) == len(graphs.shapes) - 1  # nothing recaptured
+
+
+
+
+# ---- one request cannot hurt the others ------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(seed=2**64), "seed="), (dict(seed=-1), "seed=-1"), (dict(seed=2**63 - 1, n=2), "seed="),
+    (dict(n=10**6), "n=1000000"), (dict(logprobs=21), "logprobs=21"), (dict(logprobs=-1), "logprobs=-1"),
+    (dict(presence_penalty=2.5), "presence_penalty=2.5"), (dict(frequency_penalty=-3), "frequency_penalty=-3"),
+    (dict(repetition_penalty=0), "repetition_penalty=0"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(temperature=float("nan")), "temperature=nan"), (dict(top_k=-1), "top_k=-1"),
+    (dict(min_p=1.5), "min_p=1.5"), (dict(max_tokens=True), "max_tokens=True"),
+    (dict(stop=["x"] * 65), "stop has 65"), (dict(stop=["x" * 2000]), "stop strings"),
+    (dict(stop_token_ids=list(range(2000))), "stop_token_ids has 2000"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(priority=2**40), "priority="), (dict(ignore_eos="yes"), "ignore_eos="),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_every_sampling_field_is_range_checked(kwargs, field) -> None:
+    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+        SamplingParams(**kwargs)
+
+
+def test_a_request_that_breaks_in_the_loop_fails_alone(model_and_hf, prompts, hf_greedy) -> None:
+    """Out-of-range fields smuggled past validation (set after construction) reach the engine loop:
+    each such request fails with a clear error, the loop keeps running, and a concurrent greedy
+    request still gets HF's tokens; so does one sent after them."""
+    import asyncio
+
+    from lmfleet.engine import AsyncLLMEngine
+    from lmfleet.engine.async_engine import RequestFailedError
+
+    model, _ = model_and_hf
+    engine = AsyncLLMEngine(LLMEngine(model))
+    bad_fields = [("seed", 2**64), ("top_k", "many"), ("n", 0), ("logprobs", 10**6), ("repetition_penalty", "x")]
+
+    async def bad(name, value):
+        params = SamplingParams(max_tokens=8, temperature=0.8)
+        setattr(params, name, value)
+        with pytest.raises(RequestFailedError, match="could not be queued") as info:
+            async for _ in engine.generate(prompts[1], params):
+                pass
+        return str(info.value)
+
+    async def good(prompt):
+        last = None
+        async for out in engine.generate(prompt, GREEDY):
+            last = out
+        return last.token_ids
+
+    async def main():
+        results = await asyncio.gather(good(prompts[0]), *(bad(n, v) for n, v in bad_fields))
+        return results[0], results[1:], await good(prompts[2])
+
+    try:
+        first, errors, after = asyncio.run(main())
+        assert first == hf_greedy[0] and after == hf_greedy[2]
+        assert engine.is_running
+        assert all("ConfigError" in e and name in e for e, (name, _) in zip(errors, bad_fields))
+        deadline = time.monotonic() + 5
+        while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.engine.num_free_blocks == engine.engine.block_manager.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_failure_while_sampling_or_finishing_one_request_fails_it_alone(model_and_hf, prompts, hf_greedy) -> None:
+    """A sampler that raises whenever the batch holds a given request, and a detokenizer step that
+    raises for another: those two requests end with `error`, the others get HF's tokens."""
     model, _ = model_and_hf
     engine = LLMEngine(model)
+    sampler, append = engine.sampler, engine._append
 
-    def fail(batch):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def picky_sampler(logits, seqs):
+        if any(s.request_id == "bad-sample" for s in seqs):
+            raise RuntimeError("sampler broke")
+        return sampler(logits, seqs)
 
-    graph_shaped(engine).run = fail
-    with pytest.warns(RuntimeWarning, match="decode steps run eagerly"):
-        outputs = engine.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outputs] == hf_greedy
-    assert engine.runner.graphs is None
+    def picky_append(seq, *args):
+        if seq.request_id == "bad-finish" and seq.num_output_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+        return append(seq, *args)
+
+    engine.sampler, engine._append = picky_sampler, picky_append
+    for i, prompt in enumerate(prompts[:4]):
+        engine.add_request(prompt, GREEDY, request_id=f"good-{i}")
+    engine.add_request(prompts[5], GREEDY, request_id="bad-sample")
+    engine.add_request(prompts[6], GREEDY, request_id="bad-finish")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert "sampler broke" in done["bad-sample"].error and "bad byte" in done["bad-finish"].error
+    assert done["bad-finish"].finish_reason == "error"
+    assert [done[f"good-{i}"].token_ids for i in range(4)] == hf_greedy[:4]
+    assert all(done[f"good-{i}"].error is None for i in range(4))
+    assert engine.num_free_blocks == engine.block_manager.num_blocks and engine.stats["failed"] == 2
+
+
+def test_generate_validates_every_prompt_before_queueing_any(model_and_hf) -> None:
+    engine = LLMEngine(model_and_hf[0])
+    with pytest.raises(ValueError, match="prompt 2: prompt token ids"):
+        engine.generate([[1, 2], [3, 4], [5, 99999]], GREEDY)
+    assert not engine.has_unfinished_requests() and not engine.scheduler.has_unfinished()
+
+
+def test_shutdown_ends_every_pending_stream(model_and_hf) -> None:
+    import asyncio
+
+    from lmfleet.engine import AsyncLLMEngine, EngineDeadError
+
+    engine = AsyncLLMEngine(LLMEngine(model_and_hf[0]))
+
+    async def main():
+        stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+# ---- exact outputs and counters ------------------------------------------------------------------
+
+def test_streamed_logprobs_with_a_slow_consumer(model_and_hf, prompts) -> None:
+    """The consumer reads each output a few steps after it was made: every delta still carries the
+    logprobs of exactly its own tokens, and an output's cumulative logprobs do not grow later."""
+    import asyncio
+
+    from lmfleet.engine import AsyncLLMEngine
+
+    model, _ = model_and_hf
+    params = SamplingParams(max_tokens=16, temperature=0.7, seed=4, logprobs=2, ignore_eos=True)
+    reference = LLMEngine(model).generate([prompts[4]], params)[0].outputs[0]
+    engine = AsyncLLMEngine(LLMEngine(model))
+
+    async def slow():
+        outs = []
+        async for out in engine.generate(prompts[4], params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead
+        return outs
+
+    try:
+        outs = asyncio.run(slow())
+    finally:
+        engine.shutdown()
+    deltas = [c for out in outs for c in out.outputs]
+    assert [t for c in deltas for t in c.delta_token_ids] == reference.token_ids
+    assert [e["token_id"] for c in deltas for e in c.delta_logprobs] == reference.token_ids
+    assert [e["logprob"] for c in deltas for e in c.delta_logprobs] == [e["logprob"] for e in reference.logprobs]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in deltas)
+
+
+def test_prefix_counters_count_each_admitted_request_once(model_and_hf) -> None:
+    """A pool with room for one request at a time and two waiting: the blocked one is looked up
+    again every step but counted once, when admitted."""
+    model, _ = model_and_hf
+    engine = LLMEngine(model, block_size=4, num_blocks=6, max_num_seqs=4)
+    first, second = list(range(1, 19)), list(range(40, 57))  # 5 blocks each with their outputs
+    engine.generate([first, second], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert engine.block_manager.prefix_queries == len(first) + len(second)
+
+
+def test_readmitted_sequences_never_report_more_cached_tokens_than_their_prompt(model_and_hf, prompts) -> None:
+    model, _ = model_and_hf
+    engine = LLMEngine(model, num_blocks=10, max_num_batched_tokens=64)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    assert all(o.num_cached_tokens <= len(p) for o, p in zip(outputs, prompts))
+    assert engine.block_manager.prefix_hits <= engine.block_manager.prefix_queries == sum(map(len, prompts))
+
+
+def test_block_hashes_are_sha256_and_need_parent_and_tokens_to_match() -> None:
+    import hashlib
+    from array import array
+
+    from lmfleet.engine.block_manager import BlockManager, block_hash
+    from lmfleet.engine.sequence import Sequence
+
+    tokens = (5, 6, 7, 8)
+    root = hashlib.sha256(b"\0" * 32)
+    root.update(array("q", tokens).tobytes())
+    assert block_hash(None, tokens) == root.digest()
+    assert block_hash(b"p" * 32, tokens) != block_hash(None, tokens)
+
+    manager = BlockManager(8, 4)
+    seq = Sequence("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
+    manager.allocate_prefix(seq)
+    manager.allocate(seq, 9)
+    seq.num_computed_tokens = 9
+    manager.commit(seq)
+    manager.deallocate(seq)
+    again = Sequence("b", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
+    manager.allocate_prefix(again)
+    assert again.num_computed_tokens == 8
+    manager.deallocate(again)
+    # The second block's entry claims another parent: it is not a hit, though its hash is found.
+    manager.blocks[manager.hash_to_block[block_hash(block_hash(None, (1, 2, 3, 4)), tokens)]].parent_hash = b"x"
+    third = Sequence("c", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
+    manager.allocate_prefix(third)
+    assert third.num_computed_tokens == 4
+
+
+def test_n_choices_equal_single_requests_with_seed_plus_i(model_and_hf, prompts) -> None:
+    model, _ = model_and_hf
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=21, n=3, ignore_eos=True)
+    together = LLMEngine(model).generate([prompts[6]], params)[0]
+    for i, choice in enumerate(together.outputs):
+        alone = SamplingParams(**{**params.__dict__, "n": 1, "seed": 21 + i})
+        assert choice.token_ids == LLMEngine(model).generate([prompts[6]], alone)[0].token_ids
+
+
+def test_kv_cache_budget_and_memory_utilization() -> None:
+    from lmfleet.engine.engine import kv_cache_budget
+
+    gib = 1024**3
+    # 80 GiB device at 0.9, 20 GiB in use, 3 GiB of activations at the largest step: 49 GiB left.
+    assert kv_cache_budget(80 * gib, 0.9, 20 * gib, 3 * gib) == 49 * gib
+    assert kv_cache_budget(80 * gib, 0.2, 20 * gib, 3 * gib) < 0
+    model = build_model(ModelConfig.from_flavor("debug", num_hidden_layers=1), seed=0)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=f"gpu_memory_utilization={bad}"):
+            LLMEngine(model, gpu_memory_utilization=bad)
+
+
+def test_cli_generate_equals_the_engine_for_a_seed(tmp_path, tokenizer) -> None:
+    import subprocess
+    import sys
+
+    config = ModelConfig.from_flavor("debug", vocab_size=tokenizer.vocab_size)
+    model = build_model(config, seed=2)
+    save_model(model, tmp_path, tokenizer=tokenizer)
+    prompt = "The quick brown"
+    expected = LLMEngine(model, tokenizer).generate([prompt], SamplingParams(
+        max_tokens=20, temperature=0.9, top_k=40, top_p=0.95, seed=77))[0].text
+    result = subprocess.run([sys.executable, "-m", "lmfleet.cli", "generate", str(tmp_path), prompt, "--max-tokens",
+                             "20", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "77"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + expected + "\n"

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from lmfleet.model import ModelConfig, build_model, load_model, save_model
+from lmfleet.model.checkpoint import from_hf_name, to_hf_name
 
 SHAPE = dict(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=128)
@@ -80,14 +81,28 @@ def test_lmfleet_to_hf_logits(case: str, tmp_path) -> None:
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
 
 
-def test_round_trip_both_ways_is_bit_exact(tmp_path) -> None:
-    hf = _hf_model("qwen2-untied")
+def _file_tensor_names(directory) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("case", ["qwen2-untied", "llama-mha-tied", "llama-bias", "mistral-window"])
+def test_round_trip_both_ways_is_bit_exact(case: str, tmp_path) -> None:
+    hf = _hf_model(case)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_model(tmp_path / "hf")
+    reference = hf.state_dict()
+    # The documented mapping: lmfleet's names are Hugging Face's without the `model.` prefix.
+    assert {to_hf_name(name) for name in ours.state_dict()} == set(reference)
+    assert {from_hf_name(name) for name in reference} == set(ours.state_dict())
     save_model(ours, tmp_path / "ours")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    for (name, a), (_, b) in zip(sorted(hf.state_dict().items()), sorted(back.state_dict().items())):
-        assert torch.equal(a, b), name
+    assert _file_tensor_names(tmp_path / "ours") == _file_tensor_names(tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval().state_dict()
+    assert set(back) == set(reference)
+    for name, tensor in reference.items():
+        assert back[name].shape == tensor.shape and torch.equal(back[name], tensor), name
 
 
 def test_sharded_checkpoint_round_trips(tmp_path) -> None:

@@ -30,6 +30,8 @@ def test_config_rejects_unknown_and_mistyped_keys() -> None:
         TrainConfig.from_dict({"train": {"steps": "ten"}})
     with pytest.raises(ConfigError, match="train.strategy='zero' is not one of"):
         TrainConfig.from_dict({"train": {"strategy": "zero"}, "data": {"dir": "x"}}).validate()
+    with pytest.raises(ConfigError, match=r"train.precision='fp16' is not one of \['fp32', 'bf16', 'fp64'\]"):
+        TrainConfig.from_dict({"train": {"precision": "fp16"}, "data": {"dir": "x"}}).validate()
     config = TrainConfig.from_dict({"batch": {"micro_batch": 4, "global_batch": 24}, "data": {"dir": "x"}})
     config.validate(world_size=3)
     assert config.batch.grad_accum == 2

@@ -12,15 +12,19 @@ import collections
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
 from typing import Any
 
-from lmfleet.engine.engine import LLMEngine, RequestOutput
+from lmfleet.engine.engine import LLMEngine, Prompt, RequestOutput
 from lmfleet.engine.params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop died; the engine takes no more requests."""
+    """The step loop died or was shut down; the engine takes no more requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (the others go on); the message says why."""
 
 
 class RequestStream:
@@ -42,6 +46,10 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.close()
             raise item
+        if item.error is not None:
+            self.finished = True
+            self.close()
+            raise RequestFailedError(f"request {self.request_id} failed in the engine: {item.error}")
         if item.finished:
             self.finished = True
             self.close()
@@ -69,10 +77,6 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._loop, name="lmfleet-engine", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_model(cls, model: Any, **kwargs: Any) -> AsyncLLMEngine:
-        return cls(LLMEngine(model, **kwargs))
-
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stopped
@@ -87,14 +91,21 @@ class AsyncLLMEngine:
                 self._commands.append(("abort", request_id))
 
     def _apply_commands(self) -> None:
+        """Queued adds and aborts; one that raises fails its own request's stream, nothing else."""
         while self._commands:
             kind, payload = self._commands.popleft()
-            if kind == "add":
-                ids, params, request_id, arrival = payload
-                if request_id in self._streams:  # not closed before the loop saw it
-                    self.engine.add_request(ids, params, request_id, arrival, validated=True)
-            else:
-                self.engine.abort(payload)
+            request_id = payload[2] if kind == "add" else payload
+            try:
+                if kind == "add":
+                    ids, params, _, arrival = payload
+                    if request_id in self._streams:  # not closed before the loop saw it
+                        self.engine.add_request(ids, params, request_id, arrival, validated=True)
+                else:
+                    self.engine.abort(request_id)
+            except Exception as exc:  # noqa: BLE001
+                self.engine.abort(request_id)
+                self._deliver(request_id, RequestFailedError(f"request {request_id} could not be queued: "
+                                                             f"{type(exc).__name__}: {exc}"))
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -115,7 +126,7 @@ class AsyncLLMEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> RequestStream:
         """Validate and queue a request (raises ValueError naming the problem, before anything is
         queued); returns its stream. Call from a running event loop."""
@@ -132,7 +143,7 @@ class AsyncLLMEngine:
         self._wake.set()
         return stream
 
-    async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative, with deltas) until it finishes; closing the
         stream early (a client went away) aborts the request and frees its blocks."""
@@ -157,6 +168,9 @@ class AsyncLLMEngine:
         return {**self.engine.running_status(), **self.engine.stats}
 
     def shutdown(self) -> None:
+        """Stop the loop after its current step; every stream still open ends with EngineDeadError."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine was shut down before this request finished"))

@@ -2,7 +2,8 @@
 
 The model hands each attention layer's q/k/v for the step's new tokens to a cache object
 (`Transformer.forward(..., cache=)`), which writes the new keys/values into their cache slots and
-attends. `PagedAttention` serves a regular step: a sequence's prefill chunk against its cached
+attends. `step_tensors` turns a step's metadata into the tensors it needs. `PagedAttention` serves
+a regular step: a sequence's prefill chunk against its cached
 context, and all single-token decodes together in one padded call. `StaticDecodeAttention`
 serves a decode step of fixed shape built from device tensors only, as CUDA graphs need.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmfleet.engine.step import StepMetadata
 from lmfleet.model.transformer import attention_mask
 
 
@@ -68,44 +70,75 @@ def split_by_context(context_lens: list[int], max_groups: int, min_rows: int = 4
     return ranges if padded <= 0.8 * n * max(context_lens) else [(0, n)]
 
 
+def pad_tables(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Block tables as one [rows, width] tensor, padded with block 0 (masked or never read)."""
+    width = width if width is not None else max((len(t) for t in tables), default=0)
+    return torch.tensor([t[:width] + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(-1, width)
+
+
+@dataclass
+class StepTensors:
+    """A step's inputs as tensors on the model's device: token ids [N], positions [N], the cache slot
+    of every new token [N], and what attention needs (built by `step_tensors`)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefills: list[PrefillSegment]
+    decode_index: torch.Tensor  # flat rows of the single-token queries
+    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (lo, hi, slots, mask)
+    sample_rows: torch.Tensor  # flat rows whose logits the step returns
+
+
+def step_tensors(meta: StepMetadata, block_size: int, window: int | None, device: torch.device,
+                 max_decode_groups: int = 1) -> StepTensors:
+    """Positions and cache slots of every new token in a few tensor operations (no per-token Python),
+    the prefill segments, and the decodes padded per group of similar context length (the metadata
+    lists decodes in ascending context order when grouping is wanted)."""
+    lengths = torch.tensor(meta.lengths, dtype=torch.long)
+    starts = torch.tensor(meta.starts, dtype=torch.long)
+    ends = lengths.cumsum(0)
+    offsets = ends - lengths
+    seq_of_token = torch.repeat_interleave(torch.arange(meta.num_seqs), lengths)
+    positions = starts[seq_of_token] + torch.arange(len(meta.token_ids)) - offsets[seq_of_token]
+    tables = pad_tables(meta.block_tables)
+    slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    prefills, decode_rows, decode_context, decode_seqs = [], [], [], []
+    for i, (start, length, offset) in enumerate(zip(meta.starts, meta.lengths, offsets.tolist())):
+        if length == 1:
+            decode_rows.append(offset)
+            decode_context.append(start + 1)
+            decode_seqs.append(i)
+            continue
+        seg = PrefillSegment(offset, length, start + length, start == 0)
+        if not seg.fresh or (window is not None and length > window):
+            seg.slots = token_slots(tables[i, :-(-seg.context // block_size)], block_size)[:seg.context].to(device)
+        prefills.append(seg)
+    groups = []
+    for lo, hi in split_by_context(decode_context, max_decode_groups):
+        context = decode_context[lo:hi]
+        max_ctx = max(context)
+        group_tables = tables[decode_seqs[lo:hi], :-(-max_ctx // block_size)]
+        group_slots = token_slots(group_tables, block_size)[:, :max_ctx].flatten()
+        mask = decode_mask(torch.tensor(context), max_ctx, window)
+        groups.append((lo, hi, group_slots.to(device), None if bool(mask.all()) else mask.to(device)))
+    sample_rows = (ends - 1)[meta.sampled] if meta.sampled else torch.zeros(0, dtype=torch.long)
+    return StepTensors(torch.tensor(meta.token_ids, device=device), positions.to(device), slots.to(device),
+                       prefills, torch.tensor(decode_rows, dtype=torch.long, device=device), groups,
+                       sample_rows.to(device))
+
+
 class PagedAttention:
-    """The attention cache of one step; passed to the model as `cache=`.
+    """The attention cache of one step; passed to the model as `cache=`: writes each new token's K/V
+    to its slot, runs each prefill segment against its cached context, and all single-token decodes
+    together (one padded call per group of similar context length)."""
 
-    Built from plain lists in a few tensor operations, whatever the batch size: the slot of every
-    new token (where its K/V go), the prefill segments, and for the decodes padded slot tables
-    [rows, max_ctx] with their masks, so that all decodes attend in one call (or, on CPU, one call
-    per group of similar context lengths)."""
-
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, block_size: int,
-                 slot_mapping: list[int], prefills: list[PrefillSegment], prefill_tables: list[list[int]],
-                 decode_rows: list[int], decode_tables: list[list[int]], decode_context: list[int],
-                 max_decode_groups: int = 1):
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, step: StepTensors):
         self.k_cache, self.v_cache, self.window = k_cache, v_cache, window
-        device = k_cache.device
-        self.slot_mapping = torch.tensor(slot_mapping, device=device)
-        for seg, table in zip(prefills, prefill_tables):
-            if not seg.fresh or (window is not None and seg.length > window):
-                seg.slots = token_slots(torch.tensor(table), block_size)[:seg.context].to(device)
-        self.prefills = prefills
-        self.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
+        self.slot_mapping, self.prefills = step.slot_mapping, step.prefills
+        self.decode_index, self.decode_groups = step.decode_index, step.decode_groups
         # Every token of the step is a decode (the steady state): no scatter of the outputs.
-        self.decode_only = not prefills and len(decode_rows) == len(slot_mapping)
-        # Decodes attend in groups of rows with similar context lengths (given in ascending order),
-        # each padded to its own longest context, when that saves enough padding.
-        self.decode_groups = [(lo, hi, *self._padded(decode_tables[lo:hi], decode_context[lo:hi], block_size))
-                              for lo, hi in split_by_context(decode_context, max_decode_groups)]
-
-    def _padded(self, tables: list[list[int]], context_lens: list[int],
-                block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache slots [rows * max_ctx] of decodes padded to their longest context (padding slots
-        point at block 0), and their mask: None when nothing is padded or windowed."""
-        max_ctx = max(context_lens)
-        max_blocks = -(-max_ctx // block_size)
-        blocks = torch.tensor([(t + [0] * max_blocks)[:max_blocks] for t in tables])
-        slots = token_slots(blocks, block_size)[:, :max_ctx].flatten()
-        mask = decode_mask(torch.tensor(context_lens), max_ctx, self.window)
-        device = self.k_cache.device
-        return slots.to(device), None if bool(mask.all()) else mask.to(device)
+        self.decode_only = not step.prefills and len(step.decode_index) == len(step.slot_mapping)
 
     def _decode(self, k_cache: torch.Tensor, v_cache: torch.Tensor, qd: torch.Tensor) -> torch.Tensor:
         outs = [decode_attention(k_cache, v_cache, qd[lo:hi], slots, mask)
@@ -137,6 +170,7 @@ class PagedAttention:
             qd = q[0, :, self.decode_index].transpose(0, 1)
             out[0, :, self.decode_index] = self._decode(k_cache, v_cache, qd).transpose(0, 1)
         return out
+
 
 class StaticDecodeAttention(PagedAttention):
     """The cache of a fixed-shape decode step, computed on the device from tensors alone (no host

@@ -8,23 +8,29 @@ blocks (powers of two). Padding rows write their K/V into a scratch block that n
 and their logits are dropped. The attention is built from these device tensors alone
 (`StaticDecodeAttention`), with no host synchronisation.
 
-Graphs are captured on first use of a shape and share one memory pool. Off CUDA the same padded,
+Every shape is captured at start-up (`capture_all`; a shape is captured on first use otherwise) and
+all graphs share one memory pool. A shape whose capture fails runs eagerly; the others keep theirs. Off CUDA the same padded,
 fixed-shape forward runs eagerly (`capture=False`), which is how the CPU tests check it token for
 token against the regular path.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from lmfleet.engine.attention import StaticDecodeAttention
-from lmfleet.engine.scheduler import ScheduledBatch
+from lmfleet.engine.attention import StaticDecodeAttention, pad_tables
+from lmfleet.engine.step import StepMetadata
 
 if TYPE_CHECKING:
     from lmfleet.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -56,7 +62,8 @@ class _Graph:
 
 class DecodeGraphs:
     """Runs decode-only steps of up to `max_num_seqs` sequences at a fixed shape, replaying a CUDA
-    graph per (batch size, block-table width) when `capture`."""
+    graph per (batch size, block-table width) when `capture`. A shape whose capture failed runs
+    eagerly (`run` returns None for it); the other shapes keep their graphs."""
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, capture: bool):
         self.runner, self.capture = runner, capture
@@ -69,32 +76,55 @@ class DecodeGraphs:
         self.meta = torch.zeros(3, rows, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(rows, self.block_widths[-1], dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.failed: set[tuple[int, int]] = set()
         self.pool = None
 
-    def fits(self, batch: ScheduledBatch) -> bool:
-        return len(batch.seqs) <= self.batch_sizes[-1] and all(n == 1 for n in batch.num_new_tokens)
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(rows, width) for rows in self.batch_sizes for width in self.block_widths]
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.seqs), vocab] of a decode-only batch (every row)."""
-        bs, scratch = self.runner.block_size, self.runner.scratch_slot
-        n = len(batch.seqs)
-        rows = bucket(n, self.batch_sizes)
-        meta = [[0] * rows, [0] * rows, [scratch] * rows]
-        tables = []
-        for i, seq in enumerate(batch.seqs):
-            pos = seq.num_computed_tokens
-            meta[0][i], meta[1][i] = seq.token_ids[pos], pos
-            meta[2][i] = seq.block_table[pos // bs] * bs + pos % bs
-            tables.append(seq.block_table[:pos // bs + 1])
-        width = bucket(max(len(t) for t in tables), self.block_widths)
-        tables += [[]] * (rows - n)
-        self.meta[:, :rows].copy_(torch.tensor(meta))
-        self.block_tables[:rows, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables]))
+    def fits(self, meta: StepMetadata) -> bool:
+        return meta.num_seqs <= self.batch_sizes[-1] and meta.decode_only
+
+    def capture_all(self) -> None:
+        """Capture the graph of every shape (at start-up): a bounded set, logged with its cost."""
         if not self.capture:
-            return self._forward(rows, width)[:n]
-        graph = self.graphs.get((rows, width)) or self._capture(rows, width)
+            return
+        began = time.perf_counter()
+        self.meta.zero_()
+        self.meta[2].fill_(self.runner.scratch_slot)  # every row a padding row: writes go to scratch
+        self.block_tables.zero_()
+        for shape in self.shapes:
+            if shape not in self.graphs and shape not in self.failed:
+                self._try_capture(*shape)
+        log.info("captured %d decode CUDA graphs (%d batch sizes x %d block-table widths) in %.1f s; %d failed",
+                 len(self.graphs), len(self.batch_sizes), len(self.block_widths), time.perf_counter() - began,
+                 len(self.failed))
+
+    def run(self, meta: StepMetadata) -> torch.Tensor | None:
+        """Logits [meta.num_seqs, vocab] of a decode-only step (every row), or None when its shape
+        has no graph (its capture failed): the caller runs the step eagerly."""
+        bs, scratch = self.runner.block_size, self.runner.scratch_slot
+        num_seqs = meta.num_seqs
+        rows = bucket(num_seqs, self.batch_sizes)
+        host = [[0] * rows, [0] * rows, [scratch] * rows]
+        tables = []
+        for i, (pos, table) in enumerate(zip(meta.starts, meta.block_tables)):
+            host[0][i], host[1][i] = meta.token_ids[i], pos
+            host[2][i] = table[pos // bs] * bs + pos % bs
+            tables.append(table[:pos // bs + 1])
+        width = bucket(max(len(t) for t in tables), self.block_widths)
+        if (rows, width) in self.failed:
+            return None
+        self.meta[:, :rows].copy_(torch.tensor(host))
+        self.block_tables[:rows, :width].copy_(pad_tables(tables + [[]] * (rows - num_seqs), width))
+        if not self.capture:
+            return self._forward(rows, width)[:num_seqs]
+        graph = self.graphs.get((rows, width)) or self._try_capture(rows, width)
+        if graph is None:
+            return None
         graph.graph.replay()
-        return graph.logits[:n]
+        return graph.logits[:num_seqs]
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         r = self.runner
@@ -103,6 +133,15 @@ class DecodeGraphs:
                                           self.block_tables[:rows, :width], positions + 1)
         hidden = r.model.hidden_states(ids[None], positions, cache=attention)
         return r.model.lm_head(hidden[0])
+
+    def _try_capture(self, rows: int, width: int) -> _Graph | None:
+        try:
+            return self._capture(rows, width)
+        except RuntimeError as exc:  # an operation this build cannot capture, no memory left, ...
+            self.failed.add((rows, width))
+            warnings.warn(f"CUDA graph capture of the decode step for {rows} sequences x {width} blocks failed "
+                          f"({exc}); steps of that shape run eagerly", RuntimeWarning, stacklevel=2)
+            return None
 
     def _capture(self, rows: int, width: int) -> _Graph:
         # Warm up on a side stream (library handles and workspaces are created outside the capture);

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence as Seq
+from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,18 @@ import torch
 from lmfleet.engine.block_manager import BlockManager
 from lmfleet.engine.params import SamplingParams
 from lmfleet.engine.runner import ModelRunner
-from lmfleet.engine.sampler import Sampler
+from lmfleet.engine.sampler import SampleResult, Sampler
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sequence import Sequence
+from lmfleet.engine.step import prepare_step
 from lmfleet.errors import ConfigError
 from lmfleet.model.checkpoint import resolve_device
 from lmfleet.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from lmfleet.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | abc.Sequence[int]
 
 
 @dataclass
@@ -32,9 +38,10 @@ class CompletionOutput:
     text: str
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: str | int | None = None
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None  # of every output token so far (a copy)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[dict[str, Any]] | None = None  # of exactly the tokens in delta_token_ids
 
 
 @dataclass
@@ -45,6 +52,7 @@ class RequestOutput:
     finished: bool
     metrics: dict[str, float | None] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    error: str | None = None  # set when the engine failed this request (finished, finish_reason "error")
 
     # The first (usually only) completion, as in `outs[0].token_ids`.
     @property
@@ -67,13 +75,15 @@ class _Request:
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None]
     arrival_time: float
-    sent_tokens: list[int] = field(default_factory=list)
 
 
-def _default_kv_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
+def kv_cache_budget(total: int, utilization: float, in_use: int, peak_activations: int) -> int:
+    """Bytes left for the KV cache: the share `utilization` of the device's `total` memory, less what
+    is in use (weights, other processes) and the peak a forward of the largest batch adds."""
+    return int(total * utilization) - in_use - peak_activations
+
+
+def _cpu_kv_bytes() -> int:
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -81,19 +91,40 @@ def _default_kv_bytes(device: torch.device) -> int:
     return int(min(2 * 1024**3, available * 0.2))
 
 
+def profile_peak_bytes(model: Transformer, num_tokens: int, num_logit_rows: int) -> int:
+    """CUDA memory a forward of `num_tokens` tokens (one prefill of the largest step, logits for
+    `num_logit_rows` rows) adds above what is allocated now."""
+    device = model.embed_tokens.weight.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        hidden = model.hidden_states(torch.zeros(1, num_tokens, dtype=torch.long, device=device))
+        model.lm_head(hidden[0, :num_logit_rows])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del hidden
+    torch.cuda.empty_cache()
+    return peak
+
+
 class LLMEngine:
     def __init__(self, model: str | Path | Transformer, tokenizer: Tokenizer | None = None, *,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_memory: int | None = None, num_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  dtype: str | torch.dtype = "fp32", device: str = "auto", max_model_len: int | None = None,
-                 tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool = False):
+                 tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool = False,
+                 linear_method: str = "auto"):
         if tensor_parallel_size != 1:
             raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("block_size", block_size)):
             if value < 1:
                 raise ConfigError(f"{name}={value} must be >= 1")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         device = resolve_device(device)
         if isinstance(model, Transformer):
             # The runner rewrites layers for speed; keep the caller's model as it is.
@@ -109,28 +140,51 @@ class LLMEngine:
         config = self.model.config
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_ids = set(config.eos_token_ids) | (set(tokenizer.stop_ids) if tokenizer else set())
+        on_cuda = self.model.embed_tokens.weight.is_cuda
         if num_blocks is None:
-            budget = kv_cache_memory or _default_kv_bytes(self.model.embed_tokens.weight.device)
+            budget = kv_cache_memory or self._kv_budget(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
             num_blocks = budget // ModelRunner.bytes_per_block(self.model, block_size)
         if num_blocks < 1:
             raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        # CUDA graphs for decode-only steps on CUDA, unless enforce_eager.
+        # CUDA graphs for decode-only steps on CUDA, unless enforce_eager: every shape captured now.
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, self.max_model_len,
-                                  cuda_graphs=self.model.embed_tokens.weight.is_cuda and not enforce_eager)
+                                  cuda_graphs=on_cuda and not enforce_eager, linear_method=linear_method)
+        self.runner.capture_graphs()
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Request] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "failed": 0}
+
+    def _kv_budget(self, utilization: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """KV-cache bytes: on CUDA, from a profiled forward of the largest step (as vLLM's
+        gpu_memory_utilization); on CPU, a fifth of the available memory, at most 2 GiB."""
+        device = self.model.embed_tokens.weight.device
+        if device.type != "cuda":
+            return _cpu_kv_bytes()
+        peak = profile_peak_bytes(self.model, min(max_num_batched_tokens, self.max_model_len), max_num_seqs)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = kv_cache_budget(total, utilization, total - free, peak)
+        gib = 1024**3
+        log.info("KV cache: %.2f GiB (gpu_memory_utilization %.2f of %.1f GiB; %.2f GiB in use, %.2f GiB peak "
+                 "activations at %d tokens)", budget / gib, utilization, total / gib, (total - free) / gib,
+                 peak / gib, max_num_batched_tokens)
+        if budget <= 0:
+            raise ConfigError(f"gpu_memory_utilization={utilization} leaves no room for the KV cache: "
+                              f"{(total - free) / gib:.2f} GiB in use and {peak / gib:.2f} GiB of activations of "
+                              f"{total / gib:.1f} GiB; raise it or lower max_num_batched_tokens")
+        return budget
 
     # ---- requests ----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("this engine has no tokenizer: give prompts as token id lists")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ConfigError("prompt token ids must be integers")
         vocab = self.model.config.vocab_size
         if not ids:
             raise ConfigError("prompt is empty: give at least one token")
@@ -139,7 +193,7 @@ class LLMEngine:
             raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
-    def validate(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> list[int]:
+    def validate(self, prompt: Prompt, params: SamplingParams | None = None) -> list[int]:
         """The prompt's token ids, after checking the request fits this engine; raises ValueError
         (ConfigError) naming the problem. Reads only fixed settings, so any thread may call it."""
         params = params or SamplingParams()
@@ -158,12 +212,13 @@ class LLMEngine:
             raise ConfigError(f"stop_token_ids {bad_stop} are outside the vocabulary")
         return ids
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
                     validated: bool = False) -> str:
         """Queue a request; returns its id. Raises ValueError (ConfigError) for invalid input.
         `validated=True`: `prompt` is the id list `validate()` returned for these params."""
         params = params or SamplingParams()
+        params.check()
         ids = list(prompt) if validated else self.validate(prompt, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
@@ -195,20 +250,39 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, update. A failure that belongs to one request (its
+        admission, its sampling, its detokenization) finishes that request with `error` set; a
+        failed model forward finishes the step's requests so; the engine itself goes on."""
         batch = self.scheduler.schedule()
+        outputs = [self._fail(seq.request_id, exc) for seq, exc in self.scheduler.take_failed()]
         if not batch:
-            return []
-        logits, rows = self.runner.run(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            return [o for o in outputs if o is not None]
+        meta, index = prepare_step(batch, self.runner.sort_decodes)
+        try:
+            logits = self.runner.execute(meta)
+        except Exception as exc:  # noqa: BLE001 - fail the step's requests, not the engine
+            log.exception("the model step failed; failing its %d sequences", len(batch.seqs))
+            outputs += [self._fail(rid, exc) for rid in dict.fromkeys(seq.request_id for seq in batch.seqs)]
+            return [o for o in outputs if o is not None]
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
             self.block_manager.commit(seq)
-        sampled = [batch.seqs[i] for i in rows]
+        sampled = [batch.seqs[i] for i in index]
         touched: dict[str, None] = {}
         now = time.monotonic()
-        for seq, result in zip(sampled, self.sampler(logits, sampled)):
-            self._append(seq, result.token_id, result.logprob, now)
+        for seq, result in zip(sampled, self._sample(logits, sampled)):
+            if seq.request_id not in self.requests:  # failed earlier in this step (another choice)
+                continue
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                self._append(seq, result.token_id, result.logprob, now)
+            except Exception as exc:  # noqa: BLE001 - that request fails, the others go on
+                outputs.append(self._fail(seq.request_id, exc))
+                continue
             touched[seq.request_id] = None
-        return [self._output(rid) for rid in touched if rid in self.requests]
+        outputs += [self._output(rid) for rid in touched if rid in self.requests]
+        return [o for o in outputs if o is not None]
 
     def _append(self, seq: Sequence, token: int, logprob: dict[str, Any] | None, now: float) -> None:
         seq.token_ids.append(token)
@@ -268,9 +342,11 @@ class LLMEngine:
         outputs = []
         for seq in request.seqs:
             tokens = seq.output_token_ids
-            out = CompletionOutput(seq.index, tokens, seq.text, seq.finish_reason, seq.stop_reason,
-                                   seq.logprobs if seq.params.logprobs is not None else None,
-                                   delta_text=seq.text[seq.sent_text:], delta_token_ids=tokens[seq.sent_tokens:])
+            # Copies: a consumer may read this output after later steps appended to the sequence.
+            logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
+            out = CompletionOutput(seq.index, tokens, seq.text, seq.finish_reason, seq.stop_reason, logprobs,
+                                   delta_text=seq.text[seq.sent_text:], delta_token_ids=tokens[seq.sent_tokens:],
+                                   delta_logprobs=logprobs[seq.sent_tokens:] if logprobs is not None else None)
             seq.sent_text, seq.sent_tokens = len(seq.text), len(tokens)
             outputs.append(out)
         finished = all(s.is_finished for s in request.seqs)
@@ -285,22 +361,60 @@ class LLMEngine:
         return result
 
     # ---- offline -----------------------------------------------------------------------------
-    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
-        """Run a batch of prompts to completion; outputs in prompt order."""
+    def generate(self, prompts: Prompt | abc.Sequence[Prompt],
+                 params: SamplingParams | abc.Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in prompt order. Every prompt is validated
+        before any is queued (a bad one raises ValueError naming it, and nothing runs)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ConfigError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        checked = []
+        for number, (prompt, sp) in enumerate(zip(prompts, params)):
+            try:
+                checked.append(self.validate(prompt, sp))
+            except ConfigError as exc:
+                raise ConfigError(f"prompt {number}: {exc}") from None
+        ids = [self.add_request(p, sp, validated=True) for p, sp in zip(checked, params)]
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.step():
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult | Exception]:
+        """The batch's tokens; if sampling the batch fails, each row alone, so only a bad row fails."""
+        try:
+            return self.sampler(logits, seqs)
+        except Exception:  # noqa: BLE001
+            results: list[SampleResult | Exception] = []
+            for row, seq in enumerate(seqs):
+                try:
+                    results.append(self.sampler(logits[row:row + 1], [seq])[0])
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+            return results
+
+    def _fail(self, request_id: str, exc: BaseException) -> RequestOutput | None:
+        """Finish a request the engine failed: free its sequences and say why."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        log.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                try:
+                    self.scheduler.finish(seq)
+                except Exception:  # noqa: BLE001 - its state is what failed; drop it from the queues
+                    self.scheduler.discard(seq)
+        self.stats["failed"] += 1
+        outputs = [CompletionOutput(seq.index, seq.output_token_ids, seq.text, "error") for seq in request.seqs]
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, True,
+                             {"arrival_time": request.arrival_time}, error=f"{type(exc).__name__}: {exc}")
 
     @property
     def num_free_blocks(self) -> int:

@@ -1,10 +1,28 @@
-"""SamplingParams: what a request asks of the sampler; validates itself."""
+"""SamplingParams: what a request asks of the sampler; validates every field's type and range."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmfleet.errors import ConfigError
+
+# Bounds on what one request may ask for: each is a size a client controls.
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_SEED = 2**63  # exclusive: torch generators take seeds in [0, 2^64), and JSON clients 63-bit ints
+MAX_PRIORITY = 2**31
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -29,22 +47,57 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens={self.max_tokens} must be >= 1"),
-            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k={self.top_k} must be an integer >= 0 (0: off)"),
-            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
-            (0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]"),
-            (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]"),
-            (isinstance(self.n, int) and self.n >= 1, f"n={self.n} must be >= 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs={self.logprobs} must be in [0, 20]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first field out of range (the engine checks again on
+        admission: a field set after construction cannot slip through)."""
+        for message in self._problems():
+            raise ConfigError(message)
+
+    def _problems(self):
+        """Each failed check's message, in field order (the first one is raised)."""
+        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            yield f"max_tokens={self.max_tokens!r} must be an integer >= 1"
+        if not (_is_real(self.temperature) and self.temperature >= 0):
+            yield f"temperature={self.temperature!r} must be a finite number >= 0"
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            yield f"top_k={self.top_k!r} must be an integer >= 0 (0: off)"
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            yield f"top_p={self.top_p!r} must be in (0, 1]"
+        if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
+            yield f"min_p={self.min_p!r} must be in [0, 1]"
+        if not (_is_real(self.repetition_penalty) and 0 < self.repetition_penalty <= 10):
+            yield f"repetition_penalty={self.repetition_penalty!r} must be in (0, 10]"
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_is_real(value) and -2 <= value <= 2):
+                yield f"{name}={value!r} must be in [-2, 2]"
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < MAX_SEED):
+            yield f"seed={self.seed!r} must be an integer in [0, 2^63)"
+        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
+            yield f"n={self.n!r} must be an integer in [1, {MAX_N}]"
+        if self.seed is not None and _is_int(self.n) and self.seed + self.n > MAX_SEED:
+            yield f"seed={self.seed} + n={self.n} must stay below 2^63 (choice i draws with seed + i)"
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            yield f"logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]"
+        if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
+            yield "stop and stop_token_ids must be lists"
+            return
+        if len(self.stop) > MAX_STOP_STRINGS:
+            yield f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop):
+            yield f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters"
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            yield f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed"
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            yield "stop_token_ids must be integers >= 0"
+        if not (_is_int(self.priority) and -MAX_PRIORITY <= self.priority < MAX_PRIORITY):
+            yield f"priority={self.priority!r} must be an integer in [-2^31, 2^31)"
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name}={getattr(self, name)!r} must be true or false"
 
     @property
     def greedy(self) -> bool:

@@ -1,19 +1,22 @@
-"""Next-token selection for a batch of sequences, each with its own SamplingParams.
+"""Next-token selection for a batch of sequences, each with its own SamplingParams, on the device.
 
-Order: penalties on the raw logits, then temperature, top-k, top-p, min-p, and a draw. A seeded
-request draws from its own generator (an exponential race: argmax p / E with E ~ Exp(1)), so its
-tokens do not depend on what else is in the batch. Logprobs are of the model's raw distribution.
+Order: penalties on the raw logits, then temperature, top-k, top-p, min-p, and a draw
+(`lmfleet.model.sampling`). Every step is one set of batched tensor operations over the rows that
+need it; the host receives only the chosen token ids (and the logprobs asked for). A seeded request
+draws from its own generator, so its tokens do not depend on what else is in the batch. Logprobs
+are of the model's raw distribution.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmfleet.engine.sequence import Sequence
-from lmfleet.model.generate import filter_logits
+from lmfleet.model.sampling import sample_rows, seeded_generator
 
 
 @dataclass
@@ -22,27 +25,45 @@ class SampleResult:
     logprob: dict[str, Any] | None  # {"token_id", "logprob", "top": [(id, logprob), ...]}
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    p = seq.params
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if p.presence_penalty or p.frequency_penalty:
-        out = seq.output_token_ids
-        if out:
-            ids, counts = torch.tensor(out, dtype=torch.long).unique(return_counts=True)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+def _occurrences(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Counts [len(token_lists), vocab] of each token id in each list."""
+    lengths = torch.tensor([len(t) for t in token_lists])
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths).to(device)
+    cols = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    return counts.index_put_((rows, cols), torch.ones(len(cols), device=device), accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens, presence and frequency penalties over
+    output tokens, for the rows that ask for them (in place on `logits` [B, vocab])."""
+    vocab, device = logits.shape[-1], logits.device
+    rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if rep:
+        seen = _occurrences([seqs[i].token_ids for i in rep], vocab, device) > 0
+        penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rep], device=device)[:, None]
+        rows = logits[rep]
+        logits[rep] = torch.where(seen, torch.where(rows > 0, rows / penalty, rows * penalty), rows)
+    pf = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+    if pf:
+        counts = _occurrences([seqs[i].output_token_ids for i in pf], vocab, device)
+        presence = torch.tensor([seqs[i].params.presence_penalty for i in pf], device=device)[:, None]
+        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in pf], device=device)[:, None]
+        logits[pf] -= presence * (counts > 0) + frequency * counts
     return logits
 
 
 class Sampler:
     def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}  # for unseeded requests, per device
 
-    def _draw(self, probs: torch.Tensor, generator: torch.Generator | None) -> int:
-        noise = torch.empty_like(probs).exponential_(generator=generator or self.generator)
-        return int((probs / noise).argmax())
+    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator | None:
+        if seq.seed is None:
+            return None
+        if seq.generator is None or seq.generator.device != device:
+            seq.generator = seeded_generator(seq.seed, device)
+        return seq.generator
 
     @staticmethod
     def _plain_greedy(seq: Sequence) -> bool:
@@ -51,25 +72,35 @@ class Sampler:
                 and not p.frequency_penalty)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        plain = [self._plain_greedy(seq) for seq in seqs]
-        if all(plain):  # the common serving case: one argmax on the device, one small copy back
+        """One token per row of `logits` [len(seqs), vocab] (fp32, on the model's device)."""
+        if all(self._plain_greedy(seq) for seq in seqs):  # the common serving case: one argmax
             return [SampleResult(int(t), None) for t in logits.argmax(-1).tolist()]
-        logits = logits.float().cpu()
-        results = []
-        for row, seq in zip(logits, seqs):
-            p = seq.params
-            logprob = None
-            if p.logprobs is not None:
-                raw = row.log_softmax(-1)
-            row = apply_penalties(row.clone(), seq)
-            if p.greedy:
-                token = int(row.argmax())
-            else:
-                probs = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
-                token = self._draw(probs, seq.generator)
-            if p.logprobs is not None:
-                top = torch.topk(raw, p.logprobs) if p.logprobs else None
-                logprob = {"token_id": token, "logprob": float(raw[token]),
-                           "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []}
-            results.append(SampleResult(token, logprob))
+        device = logits.device
+        params = [seq.params for seq in seqs]
+        with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = logits[with_logprobs].log_softmax(-1) if with_logprobs else None
+        logits = apply_penalties(logits.clone(), seqs)
+        tokens = logits.argmax(-1)
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if drawn:
+            def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+                return torch.tensor([getattr(params[i], name) for i in drawn], dtype=dtype, device=device)
+
+            if device not in self.generators:
+                self.generators[device] = seeded_generator(self.seed, device)
+            tokens[drawn] = sample_rows(logits[drawn], column("temperature", torch.float32),
+                                        column("top_k", torch.long), column("top_p", torch.float32),
+                                        column("min_p", torch.float32),
+                                        [self._generator(seqs[i], device) for i in drawn], self.generators[device])
+        token_ids = tokens.tolist()
+        results = [SampleResult(t, None) for t in token_ids]
+        if raw is not None:
+            chosen = raw.gather(-1, tokens[with_logprobs][:, None])[:, 0].tolist()
+            k = max(params[i].logprobs for i in with_logprobs)
+            top = raw.topk(k) if k else None
+            top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            for row, i in enumerate(with_logprobs):
+                want = params[i].logprobs
+                results[i].logprob = {"token_id": token_ids[i], "logprob": chosen[row],
+                                      "top": list(zip(top_ids[row][:want], top_values[row][:want])) if want else []}
         return results

@@ -23,10 +23,6 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence computes this step
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
@@ -41,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.failed: list[tuple[Sequence, Exception]] = []  # admissions that raised, for the engine to fail
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,28 +89,47 @@ class Scheduler:
         for seq in waiting:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self._waits_for_leader(seq):
+            try:
+                num_new = self._try_admit(seq, budget, bool(batch.seqs))
+            except Exception as exc:  # noqa: BLE001 - this sequence fails alone (the engine frees it)
+                self.failed.append((seq, exc))
                 continue
-            self.block_manager.allocate_prefix(seq)
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining > budget and not self.enable_chunked_prefill:
-                if batch.seqs:
-                    self.block_manager.deallocate(seq)
-                    break  # wait for a step with room for the whole prompt
-                num_new = remaining  # a prompt larger than the whole budget runs alone
-            else:
-                num_new = min(remaining, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
-                self.block_manager.deallocate(seq)
+            if num_new is None:
                 break
-            self.block_manager.allocate(seq, num_new)
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            seq.scheduled_time = seq.scheduled_time or time.monotonic()
-            self.running.append(seq)
+            if num_new == 0:
+                continue
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+
+    def _try_admit(self, seq: Sequence, budget: int, batch_has_seqs: bool) -> int | None:
+        """Admit one waiting sequence: the tokens it computes this step; 0 if it must wait for its
+        leader; None if it does not fit now (nothing after it is admitted either)."""
+        if self._waits_for_leader(seq):
+            return 0
+        self.block_manager.allocate_prefix(seq)
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining > budget and not self.enable_chunked_prefill:
+            if batch_has_seqs:
+                self.block_manager.deallocate(seq)
+                return None  # wait for a step with room for the whole prompt
+            num_new = remaining  # a prompt larger than the whole budget runs alone
+        else:
+            num_new = min(remaining, budget)
+        if not self.block_manager.can_allocate(seq, num_new):
+            self.block_manager.deallocate(seq)
+            return None
+        self.block_manager.allocate(seq, num_new)
+        self.block_manager.count_admission(seq)
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        seq.scheduled_time = seq.scheduled_time or time.monotonic()
+        self.running.append(seq)
+        return num_new
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
         """Choices 1..n-1 of a request start once choice 0's prompt is cached, to share its blocks."""
@@ -125,6 +141,10 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is."""
         self.block_manager.deallocate(seq)
+        self.discard(seq)
+
+    def discard(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues (its blocks already released, or beyond repair)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -32,12 +32,13 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at its first admission
+    num_hashed_blocks: int = 0  # leading blocks of `block_table` already hashed for the prefix cache
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's own, on the logits' device (the sampler's)
     first_token_time: float | None = None
     finished_time: float | None = None
     scheduled_time: float | None = None
@@ -55,8 +56,11 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def seed(self) -> int | None:
+        """Choice i of a seeded request draws with seed + i."""
+        return None if self.params.seed is None else self.params.seed + self.index
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lmfleet.errors import ConfigError
 from lmfleet.model.config import ModelConfig
+from lmfleet.model.sampling import sample_rows, seeded_generator
 from lmfleet.model.transformer import Transformer, attention_mask
 
 
@@ -38,30 +39,19 @@ class DenseKVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Mask (to -inf) what top-k (0: off), top-p (nucleus) and min-p exclude, in that order."""
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    if min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return logits
-
-
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else sample from the tempered, top-k/top-p filtered softmax."""
+    """Greedy when temperature is 0, else a draw from the tempered, top-k/top-p filtered softmax,
+    through the same sampler as the engine (a seeded draw gives the engine's token for equal logits)."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = filter_logits(logits.float() / temperature, top_k or 0, 1.0 if top_p is None else top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    device = logits.device
+    generator = generator or torch.Generator(device=device).manual_seed(torch.seed() % 2**63)
+    token = sample_rows(logits.float()[None], torch.tensor([float(temperature)], device=device),
+                        torch.tensor([top_k or 0], device=device), torch.tensor([1.0 if top_p is None else top_p],
+                                                                                 device=device),
+                        torch.zeros(1, device=device), [generator], generator)
+    return int(token[0])
 
 
 @torch.inference_mode()
@@ -85,7 +75,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int 
         raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})")
     device = model.embed_tokens.weight.device
     cache = DenseKVCache(config, 1, total, device, model.embed_tokens.weight.dtype)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = seeded_generator(seed, device) if seed is not None else None
     tokens = torch.tensor([list(prompt_ids)], device=device)
     pos = 0
     stop = set(stop_ids)

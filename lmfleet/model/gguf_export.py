@@ -3,6 +3,8 @@
 The tensors and metadata follow llama.cpp's own converter for the `llama` architecture: q/k
 projection rows are permuted from Hugging Face's half-split RoPE layout to llama.cpp's interleaved
 one, and the byte-level BPE tokenizer is written as a `gpt2` vocabulary with its merges.
+RoPE scaling is written as llama.cpp reads it (linear: two keys; llama3: a `rope_freqs` tensor);
+anything the file cannot say is refused with a ConfigError, never exported as a different model.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from lmfleet.errors import ConfigError, LmfleetError
 from lmfleet.model.checkpoint import load_model
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.tokenizer import load_tokenizer
+from lmfleet.model.transformer import rope_inv_freq
 
 OUT_TYPES = ("F32", "F16", "Q8_0")
+ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE variants a `llama` GGUF can carry
 
 
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -32,12 +36,29 @@ def unpermute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse what the `llama` GGUF metadata cannot express, rather than drop it silently."""
+    if config.sliding_window is not None:
+        raise ConfigError(f"GGUF export of sliding-window attention (sliding_window={config.sliding_window}) "
+                          "is not supported yet")
+    if config.rope_type not in ROPE_TYPES:
+        raise ConfigError(f"GGUF export does not support rope_type {config.rope_type!r}; "
+                          f"it writes {list(ROPE_TYPES)} RoPE scaling")
+
+
+def rope_freq_factors(config: ModelConfig) -> torch.Tensor:
+    """llama3 scaling as llama.cpp's `rope_freqs` tensor: per frequency, what the base one is divided by."""
+    return rope_inv_freq(config.replace(rope_scaling=None)) / rope_inv_freq(config)
+
+
 def gguf_tensors(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
     """llama.cpp tensor names -> tensors (fp32, CPU)."""
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out = {"token_embd.weight": state["embed_tokens.weight"], "output_norm.weight": state["norm.weight"]}
     if not config.tie_word_embeddings:
         out["output.weight"] = state["lm_head.weight"]
+    if config.rope_type == "llama3":
+        out["rope_freqs.weight"] = rope_freq_factors(config)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -65,8 +86,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
         raise ConfigError(f"--type {out_type!r} is not supported; use one of {list(OUT_TYPES)}")
     model = load_model(model_dir, dtype=torch.float32)
     config = model.config
-    if config.model_type == "mistral" and config.sliding_window:
-        raise ConfigError("GGUF export of sliding-window (Mistral) models is not supported yet")
+    check_exportable(config)
     tok = load_tokenizer(model_dir)
     out_path = Path(out_path)
     writer = gguf.GGUFWriter(str(out_path), "llama")
@@ -81,6 +101,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_type == "linear":  # llama3 needs no key: its factors travel as rope_freqs.weight
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,

@@ -33,10 +33,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the scale, as the reference implementation does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused op; below fp32, normalise in fp32 and cast back before the scale, as the
+        # reference implementation does.
+        if x.dtype == torch.float32 or x.dtype == torch.float64:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -61,18 +62,33 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for given positions. The frequencies stay fp32 whatever the model's dtype:
-    they are a plain attribute, not a buffer, so `model.to(torch.bfloat16)` leaves them alone."""
+    they are a plain attribute, not a buffer, so `model.to(torch.bfloat16)` leaves them alone.
+    `precompute` (inference) stores cos|sin of every position once, so a step looks them up."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inv_freq = rope_inv_freq(cfg, torch.device("cpu"))
+        self.max_positions = cfg.max_position_embeddings
+        self.table: torch.Tensor | None = None  # [max_positions, 2 * head_dim]: cos | sin
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[..., None] * self.inv_freq  # [..., T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return torch.cat((emb.cos(), emb.sin()), dim=-1)
+
+    def precompute(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.table = self._cos_sin(torch.arange(self.max_positions, device=device)).to(dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.table
+        if table is None or table.dtype != dtype or table.device != positions.device:
+            table = self._cos_sin(positions).to(dtype)
+        else:
+            table = table[positions]
+        cos, sin = table.chunk(2, dim=-1)
+        return cos, sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

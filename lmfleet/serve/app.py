@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet import __version__
 from lmfleet.engine import AsyncLLMEngine
-from lmfleet.engine.async_engine import EngineDeadError, RequestStream
+from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
 from lmfleet.engine.engine import RequestOutput
 from lmfleet.serve import protocol as P
 from lmfleet.serve.auth import KeyChecker, RateLimiter
@@ -350,6 +350,8 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
                 last[i] = out
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_dead") from None
+        except RequestFailedError as exc:
+            raise APIError(500, str(exc), "server_error", code="request_failed") from None
         return [last[i] for i in range(len(streams))]
 
     def observe(out: RequestOutput) -> None:
@@ -388,6 +390,9 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         except EngineDeadError as exc:
             yield _sse(error_body(str(exc), "service_unavailable", None, "engine_dead"))
             yield _sse("[DONE]")
+        except RequestFailedError as exc:
+            yield _sse(error_body(str(exc), "server_error", None, "request_failed"))
+            yield _sse("[DONE]")
 
     # ---- endpoints -------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -420,7 +425,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         def chunk(index: int, c: Any) -> dict[str, Any] | None:
             if not c.delta_text and not c.delta_token_ids and c.finish_reason is None:
                 return None
-            entries = (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids):] if c.delta_token_ids else []
+            entries = c.delta_logprobs or []
             lp = logprobs_of(c, entries, offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(c.delta_text)
             return P.envelope("text_completion", request_id, settings.model_name,
@@ -470,7 +475,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
                 delta["content"] = c.delta_text
             if not delta and c.finish_reason is None and not c.delta_token_ids:
                 return None
-            entries = (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids):] if c.delta_token_ids else []
+            entries = c.delta_logprobs or []
             lp = P.chat_logprobs(entries, tok) if logprobs_on else None
             return P.envelope("chat.completion.chunk", request_id, settings.model_name,
                               [{"index": index, "delta": delta, "logprobs": lp,

@@ -36,7 +36,7 @@ def _status_of(http_status: int) -> Any:
 
 def make_servicer(front: Any) -> Any:
     """A Generation servicer over the HTTP app's Frontend."""
-    from lmfleet.engine.async_engine import EngineDeadError
+    from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError
     from lmfleet.serve.app import APIError
     from lmfleet.serve.protocol import finish_reason
 
@@ -79,8 +79,8 @@ def make_servicer(front: Any) -> Any:
                     c = out.outputs[0]
                     reply = pb.GenerateResponse(request_id=out.request_id, token_ids=c.delta_token_ids,
                                                 text=c.delta_text, finish_reason=finish_reason(c) or "")
-                    if c.logprobs is not None and c.delta_token_ids:
-                        for entry in c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]:
+                    if c.delta_logprobs:
+                        for entry in c.delta_logprobs:
                             reply.logprobs.add(token_id=entry["token_id"], logprob=entry["logprob"],
                                                top=[pb.TopLogprob(token_id=t, logprob=lp)
                                                     for t, lp in entry.get("top", [])])
@@ -91,6 +91,8 @@ def make_servicer(front: Any) -> Any:
                     yield reply
             except EngineDeadError as exc:
                 await self._fail(context, APIError(503, str(exc), code="engine_dead"))
+            except RequestFailedError as exc:
+                await self._fail(context, APIError(500, str(exc), code="request_failed"))
             finally:
                 stream.close()  # a cancelled call (client gone) aborts the request
 

@@ -17,7 +17,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STRATEGIES = ("ddp", "fsdp", "diloco")
-PRECISIONS = ("fp32", "bf16")
+# fp64: parameters, gradients, optimizer state and the loss in float64 (runs that must agree to
+# rounding whatever the CPU's kernels, e.g. DDP against one process); bf16: autocast over fp32 weights.
+PRECISIONS = ("fp32", "bf16", "fp64")
 
 
 @dataclass

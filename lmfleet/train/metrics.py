@@ -37,9 +37,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, declared: float | None 
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
+                if dtype == torch.float64:
+                    break  # no table of fp64 peaks: no MFU unless train.peak_flops is given
                 return value if dtype == torch.bfloat16 else value / 2
         return 0.0
-    return measure_cpu_peak_flops(torch.float32)
+    return measure_cpu_peak_flops(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

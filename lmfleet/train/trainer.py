@@ -88,7 +88,10 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.corpus = Corpus(config.data.dir)
         self.model_config = build_model_config(config, self.corpus)
-        model = build_model(self.model_config, seed=config.train.seed, device=info.device)
+        # Parameters (and so gradients, optimizer state, collectives) in float64 for fp64; bf16 autocasts.
+        self.param_dtype = torch.float64 if config.train.precision == "fp64" else torch.float32
+        model = build_model(self.model_config, seed=config.train.seed, device=info.device,
+                            dtype=self.param_dtype)
         if config.train.compile:
             for block in model.layers:
                 block.compile()
@@ -100,7 +103,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=info.is_main)
         self.tokens_per_step = config.global_batch(info.world_size) * config.data.seq_len
         self.flops_per_token = self.model_config.flops_per_token(config.data.seq_len)
-        self.peak = peak_flops(info.device, self.autocast_dtype or torch.float32, config.train.peak_flops)
+        self.peak = peak_flops(info.device, self.autocast_dtype or self.param_dtype, config.train.peak_flops)
         self.step = 0
         self.comm_total = 0
 
@@ -143,14 +146,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.batch.grad_accum
-        loss_sum = torch.zeros((), device=self.info.device)
+        loss_sum = torch.zeros((), dtype=self.param_dtype, device=self.info.device)
         for micro in range(accum):
             inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
             with self.strategy.micro_step(micro == accum - 1):
                 with torch.autocast(self.info.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     logits = self.strategy.model(inputs)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                    loss = F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
                 (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)

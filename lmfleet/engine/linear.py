@@ -1,0 +1,100 @@
+"""How the engine's copy of the model multiplies by its weights: one linear method for the whole model.
+
+`apply_linear_method(model, name)` swaps every `nn.Linear` for the chosen method's module, in
+place. The methods here are dense (fp32/bf16); a quantized method is one more entry in `METHODS`
+(a function from an `nn.Linear` and its name to a module computing `x @ W^T + b`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lmfleet.errors import ConfigError
+
+
+class TransposedLinear(nn.Module):
+    """`x @ W^T` with W^T stored contiguous: on CPU, matrix-vector products for decode read the
+    weights faster this way than through nn.Linear (see docs/engine.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight_t
+        return out if self.bias is None else out + self.bias
+
+
+class PackedLinear(nn.Module):
+    """`x @ W^T` through oneDNN with W packed once into its blocked layout (CPU, fp32); faster than
+    MKL's matmul for the 8-256 row products of batched decode (see docs/engine.md)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
+        super().__init__()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint),
+                             persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class RowAdaptiveLinear(nn.Module):
+    """The output head on CPU: a single row (batch-1 decode) reads W^T-contiguous weights, faster
+    than oneDNN for a vocabulary-wide matrix-vector product; more rows use the packed weights.
+    Holds the head's weights twice (fp32 CPU only)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.single, self.packed = TransposedLinear(linear), PackedLinear(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.single(x) if x.numel() == x.shape[-1] else self.packed(x)
+
+
+def packed_linears_supported(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _packed(linear: nn.Linear, name: str) -> nn.Module:
+    if not packed_linears_supported(linear.weight.dtype) or linear.weight.device.type != "cpu":
+        raise ConfigError(f"linear_method='packed' needs fp32 weights on a CPU with oneDNN, not "
+                          f"{linear.weight.dtype} on {linear.weight.device}")
+    return RowAdaptiveLinear(linear) if name == "lm_head" else PackedLinear(linear)
+
+
+def _cpu_auto(linear: nn.Linear, name: str) -> nn.Module:
+    return _packed(linear, name) if packed_linears_supported(linear.weight.dtype) else TransposedLinear(linear)
+
+
+METHODS: dict[str, Callable[[nn.Linear, str], nn.Module]] = {
+    "dense": lambda linear, name: linear,  # nn.Linear as it is (cuBLAS on CUDA)
+    "transposed": lambda linear, name: TransposedLinear(linear),
+    "packed": _packed,
+}
+
+
+def resolve_linear_method(name: str, device: torch.device) -> str:
+    """'auto': the fastest dense method for the device (oneDNN-packed or W^T on CPU, nn.Linear on CUDA)."""
+    if name == "auto":
+        return "cpu-auto" if device.type == "cpu" else "dense"
+    if name not in METHODS:
+        raise ConfigError(f"linear_method={name!r} is not one of {['auto', *METHODS]}")
+    return name
+
+
+def apply_linear_method(model: nn.Module, method: str = "auto") -> nn.Module:
+    """Swap every nn.Linear of `model` (in place; the engine's own copy) for `method`'s module."""
+    device = next(model.parameters()).device
+    method = resolve_linear_method(method, device)
+    make = _cpu_auto if method == "cpu-auto" else METHODS[method]
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, make(child, child_name))
+    return model
