@@ -27,3 +27,28 @@ def wait_healthy(url: str, timeout: float = 180) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} never became healthy")
         time.sleep(0.25)
+
+
+def bench_tokenizer(vocab_size: int, cache_dir: str = "runs/bench"):
+    """A byte-level BPE of (about) `vocab_size` tokens, trained once on synthetic text and cached:
+    random words over a few thousand CJK characters give the trainer enough distinct pairs to
+    reach a Qwen-sized vocabulary. For benchmarks that need a GGUF export of a random model."""
+    import random
+    from pathlib import Path
+
+    from lmfleet.model.tokenizer import load_tokenizer, train_bpe
+
+    path = Path(cache_dir) / f"tokenizer-{vocab_size}"
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path)
+    rng = random.Random(0)
+    alphabet = [chr(0x4E00 + i) for i in range(3000)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+    def texts():
+        for _ in range(400):
+            yield " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(5000))
+
+    tok = train_bpe(texts(), vocab_size=vocab_size)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok

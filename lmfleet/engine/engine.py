@@ -257,8 +257,8 @@ class LLMEngine:
         outputs = [self._fail(seq.request_id, exc) for seq, exc in self.scheduler.take_failed()]
         if not batch:
             return [o for o in outputs if o is not None]
-        meta, index = prepare_step(batch, self.runner.sort_decodes)
         try:
+            meta, index = prepare_step(batch, self.runner.sort_decodes)
             logits = self.runner.execute(meta)
         except Exception as exc:  # noqa: BLE001 - fail the step's requests, not the engine
             log.exception("the model step failed; failing its %d sequences", len(batch.seqs))
