@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--output-len", default="16:64")
     parser.add_argument("--hf-batches", default="8,16,32")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--linear-method", default="auto", help="the engine's linear method (engine/linear.py)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each, taking turns (the best is taken): offline at HF's best batch size, "
                              "and batch-1")
@@ -110,7 +111,7 @@ def main() -> None:
             torch.empty(0, dtype=dtype).element_size()
         kv_bytes = int(1.2 * per_token * sum(len(p) + n + 16 for p, n in requests))
         engine = LLMEngine(tmp, dtype=dtype, device=args.device, max_num_seqs=max(64, args.num_prompts),
-                           enable_prefix_caching=False, kv_cache_memory=kv_bytes, enforce_eager=args.enforce_eager)
+                           linear_method=args.linear_method, enable_prefix_caching=False, kv_cache_memory=kv_bytes, enforce_eager=args.enforce_eager)
 
     def run_engine(sampled: bool) -> float:
         params = [SamplingParams(max_tokens=n, ignore_eos=True, seed=i, **(SAMPLED if sampled else {"temperature": 0}))
@@ -179,7 +180,7 @@ def main() -> None:
     }
     print(f"machine: {machine}")
     print(f"model: {args.flavor} ({result['params_M']}M params), {args.dtype} on {args.device}, "
-          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, linear method {args.linear_method}")
     for mode, row in offline.items():
         print(f"offline, {mode}, {args.num_prompts} requests (in {args.input_len}, out {args.output_len}), "
               f"output tok/s:")

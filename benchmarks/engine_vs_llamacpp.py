@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--llama-bin", required=True, help="folder with llama-server and llama-bench")
     parser.add_argument("--type", default="F32", choices=["F32", "F16", "Q8_0"])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--linear-method", default="auto", help="the engine's linear method (engine/linear.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
             model_dir = Path(tmp) / "model"
             save_model(build_model(config, seed=0), model_dir, tokenizer=tok)
         gguf_path = export_gguf(model_dir, Path(tmp) / "model.gguf", args.type)
-        engine = LLMEngine(model_dir, enable_prefix_caching=False, num_blocks=64)
+        engine = LLMEngine(model_dir, enable_prefix_caching=False, num_blocks=64, linear_method=args.linear_method)
         config = engine.model.config
         prompt = [(i * 7919) % (config.vocab_size - 300) + 300 for i in range(32)]
 
@@ -73,7 +74,7 @@ def main() -> None:
     machine = f"cpu, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
     print(f"machine: {machine}")
     print(f"model: {args.model or args.flavor} {args.model_set} ({config.num_params() / 1e6:.1f}M params), "
-          f"GGUF {args.type}")
+          f"GGUF {args.type}, lmfleet linear method {args.linear_method}")
     print(f"greedy tokens identical for the first {agree} of {args.tokens}")
     print(f"batch-1 decode: lmfleet {ours_tok_s:.1f} tok/s, llama.cpp {theirs_tok_s:.1f} tok/s, "
           f"ratio {ours_tok_s / theirs_tok_s:.2f}x (goal >= 1.0)")
