@@ -179,8 +179,9 @@ def generate_cmd(
                             top_p=1.0 if top_p is None else top_p, seed=seed)
     block_size = 16  # a cache just large enough for this one request
     num_blocks = -(-min(len(ids) + max_tokens, config.max_position_embeddings) // block_size)
+    # One request: no decode graphs to capture (enforce_eager), a cache just for it.
     engine = LLMEngine(model_dir, tok, dtype=dtype, device=device, max_num_seqs=1, block_size=block_size,
-                       num_blocks=max(1, num_blocks))
+                       num_blocks=max(1, num_blocks), enforce_eager=True)
     engine.add_request(ids, params)
     if not chat:
         sys.stdout.write(prompt)
@@ -188,6 +189,9 @@ def generate_cmd(
         for out in engine.step():
             sys.stdout.write(out.outputs[0].delta_text)
             sys.stdout.flush()
+            if out.error is not None:
+                sys.stdout.write("\n")
+                raise LmfleetError(f"generation failed: {out.error}")
     sys.stdout.write("\n")
 
 
@@ -315,6 +319,9 @@ def serve(
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
     gpu_memory_utilization: Annotated[float, typer.Option(help="Share of the GPU's memory the engine may use "
                                                                "(weights, activations, KV cache).")] = 0.9,
+    linear_method: Annotated[str, typer.Option(help="How linear layers multiply: auto, packed (oneDNN, CPU fp32), "
+                                                    "transposed (W^T, fastest for batch-1 decode on CPU) "
+                                                    "or dense.")] = "auto",
     rate_limit: Annotated[Optional[float], typer.Option(help="Requests per second per API key (token bucket); "
                                                         "over it: 429.")] = None,
     rate_burst: Annotated[Optional[int], typer.Option(help="Burst size of the rate limit.")] = None,
@@ -353,6 +360,9 @@ def serve(
         raise ConfigError(f"--port {port} must be in 1..65535")
     if max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests {max_queued_requests} must be >= 0")
+    from lmfleet.engine.linear import METHODS
+    if linear_method not in ("auto", *METHODS):
+        raise ConfigError(f"--linear-method {linear_method!r} is not one of {['auto', *METHODS]}")
     keys = load_api_keys(api_key or [], api_key_file)
     name = served_model_name or Path(model_dir).resolve().name
     if grpc_port is not None:
@@ -367,7 +377,7 @@ def serve(
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                         kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
+                         linear_method=linear_method, kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
         if grpc_port is not None or ssl_key is not None:

@@ -112,6 +112,11 @@ def test_runner_fused_and_packed_linears_equal_the_plain_model(rows) -> None:
             torch.testing.assert_close(fast(ids), model(ids), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="linear_method='int3'"):
         apply_linear_method(copy.deepcopy(model), "int3")
+    # 'auto' on CPU: W^T for a one-sequence engine (matrix-vector products only), else oneDNN-packed
+    one = apply_linear_method(copy.deepcopy(model).fuse_projections(), "auto", max_rows=1)
+    many = apply_linear_method(copy.deepcopy(model).fuse_projections(), "auto", max_rows=8)
+    assert type(one.layers[0].mlp.down_proj).__name__ == "TransposedLinear"
+    assert type(many.layers[0].mlp.down_proj).__name__ == "PackedLinear"
 
 
 @pytest.mark.parametrize("shaped", [False, True], ids=["eager", "graph-shaped"])
@@ -449,10 +454,84 @@ def test_a_failed_graph_capture_disables_only_that_shape(model_and_hf, prompts, 
     (dict(stop=["x"] * 65), "stop has 65"), (dict(stop=["x" * 2000]), "stop strings"),
     (dict(stop_token_ids=list(range(2000))), "stop_token_ids has 2000"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(priority=2**40), "priority="), (dict(ignore_eos="yes"), "ignore_eos="),
+    (dict(top_k=2**70), "top_k="), (dict(repetition_penalty=1e-300), "repetition_penalty="),
+    (dict(stop=5), "stop and stop_token_ids must be lists"), (dict(stop_token_ids="ab"), "must be lists"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_every_sampling_field_is_range_checked(kwargs, field) -> None:
     with pytest.raises(ValueError, match=field.replace("[", r"\[")):
         SamplingParams(**kwargs)
+
+
+def test_stop_none_means_no_stop_strings() -> None:
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-38), dict(temperature=1.0, top_p=1e-50),
+                                    dict(temperature=1e-6, top_p=0.5, seed=3)], ids=str)
+def test_vanishing_temperature_or_top_p_draws_the_most_likely_token(model_and_hf, prompts, hf_greedy, kwargs) -> None:
+    """A temperature or nucleus that underflows in fp32 leaves one candidate, the most likely one:
+    HF's greedy tokens (not the least likely token of an all-zero row)."""
+    engine = LLMEngine(model_and_hf[0])
+    outputs = engine.generate(prompts[:3], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **kwargs))
+    assert [o.token_ids for o in outputs] == hf_greedy[:3]
+
+
+def test_logprobs_beyond_a_small_vocabulary_return_every_token(tmp_path) -> None:
+    engine = LLMEngine(build_model(ModelConfig.from_flavor("debug", vocab_size=12), seed=0))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0, logprobs=20))[0]
+    assert out.error is None and all(len(entry["top"]) == 12 for entry in out.outputs[0].logprobs)
+
+
+def test_a_choice_that_fails_admission_takes_its_request_out_of_the_step(model_and_hf, prompts, hf_greedy) -> None:
+    """Choice 1 of an n=2 request raises while being admitted, after choice 0 joined the same step:
+    the whole request fails and none of its sequences runs (no K/V written through an emptied block
+    table, no commit of a freed sequence); the other request gets HF's tokens."""
+    model, _ = model_and_hf
+    engine = LLMEngine(model, enable_prefix_caching=False)
+    try_admit = engine.scheduler._try_admit
+
+    def picky_admit(seq, *args):
+        if seq.request_id == "bad" and seq.index == 1:
+            raise RuntimeError("admission broke")
+        return try_admit(seq, *args)
+
+    engine.scheduler._try_admit = picky_admit
+    engine.add_request(prompts[0], GREEDY, request_id="good")
+    engine.add_request(prompts[1], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, n=2, seed=1),
+                       request_id="bad")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert "admission broke" in done["bad"].error and done["good"].token_ids == hf_greedy[0]
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_seeded_request_keeps_its_tokens_when_a_batch_mate_breaks_sampling(model_and_hf, prompts) -> None:
+    """The batched draw fails after the seeded row drew its number; redrawn row by row, that row
+    starts again from its generator's state before the failed attempt."""
+    model, _ = model_and_hf
+    seeded = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=42, ignore_eos=True)
+    alone = LLMEngine(model).generate([prompts[0]], seeded)[0].token_ids
+    engine = LLMEngine(model)
+    sampler = engine.sampler
+
+    def late_failure(logits, seqs):
+        results = sampler(logits, seqs)
+        if any(s.request_id == "bad" for s in seqs):
+            raise RuntimeError("sampler broke after drawing")
+        return results
+
+    engine.sampler = late_failure
+    engine.add_request(prompts[0], seeded, request_id="seeded")
+    engine.add_request(prompts[1], GREEDY, request_id="bad")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["bad"].error is not None and done["seeded"].token_ids == alone
 
 
 def test_a_request_that_breaks_in_the_loop_fails_alone(model_and_hf, prompts, hf_greedy) -> None:

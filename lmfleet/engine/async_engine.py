@@ -141,6 +141,8 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.append(("add", (ids, params, request_id, time.monotonic())))
         self._wake.set()
+        if not self.is_running:  # the loop died or stopped while this stream was registered
+            self._deliver(request_id, EngineDeadError("the engine is not running"))
         return stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,

@@ -145,7 +145,11 @@ class LLMEngine:
             budget = kv_cache_memory or self._kv_budget(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
             num_blocks = budget // ModelRunner.bytes_per_block(self.model, block_size)
         if num_blocks < 1:
-            raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory")
+            raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory "
+                              f"(or gpu_memory_utilization on CUDA), or give num_blocks")
+        if num_blocks * block_size < self.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: longer requests are refused",
+                        num_blocks * block_size, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         # CUDA graphs for decode-only steps on CUDA, unless enforce_eager: every shape captured now.
@@ -162,13 +166,14 @@ class LLMEngine:
         device = self.model.embed_tokens.weight.device
         if device.type != "cuda":
             return _cpu_kv_bytes()
-        peak = profile_peak_bytes(self.model, min(max_num_batched_tokens, self.max_model_len), max_num_seqs)
+        profiled = min(max_num_batched_tokens, self.max_model_len)
+        peak = profile_peak_bytes(self.model, profiled, max_num_seqs)
         free, total = torch.cuda.mem_get_info(device)
         budget = kv_cache_budget(total, utilization, total - free, peak)
         gib = 1024**3
         log.info("KV cache: %.2f GiB (gpu_memory_utilization %.2f of %.1f GiB; %.2f GiB in use, %.2f GiB peak "
                  "activations at %d tokens)", budget / gib, utilization, total / gib, (total - free) / gib,
-                 peak / gib, max_num_batched_tokens)
+                 peak / gib, profiled)
         if budget <= 0:
             raise ConfigError(f"gpu_memory_utilization={utilization} leaves no room for the KV cache: "
                               f"{(total - free) / gib:.2f} GiB in use and {peak / gib:.2f} GiB of activations of "
@@ -254,7 +259,11 @@ class LLMEngine:
         admission, its sampling, its detokenization) finishes that request with `error` set; a
         failed model forward finishes the step's requests so; the engine itself goes on."""
         batch = self.scheduler.schedule()
-        outputs = [self._fail(seq.request_id, exc) for seq, exc in self.scheduler.take_failed()]
+        failed = self.scheduler.take_failed()
+        outputs = [self._fail(seq.request_id, exc) for seq, exc in failed]
+        if failed:  # a failed request's other choices may already be in the batch: they must not run
+            kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if s.request_id in self.requests]
+            batch.seqs, batch.num_new_tokens = [s for s, _ in kept], [n for _, n in kept]
         if not batch:
             return [o for o in outputs if o is not None]
         try:
@@ -265,8 +274,11 @@ class LLMEngine:
             outputs += [self._fail(rid, exc) for rid in dict.fromkeys(seq.request_id for seq in batch.seqs)]
             return [o for o in outputs if o is not None]
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += num_new
-            self.block_manager.commit(seq)
+            try:
+                seq.num_computed_tokens += num_new
+                self.block_manager.commit(seq)
+            except Exception as exc:  # noqa: BLE001 - that request fails, the others go on
+                outputs.append(self._fail(seq.request_id, exc))
         sampled = [batch.seqs[i] for i in index]
         touched: dict[str, None] = {}
         now = time.monotonic()
@@ -386,10 +398,17 @@ class LLMEngine:
         return [done[i] for i in ids]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult | Exception]:
-        """The batch's tokens; if sampling the batch fails, each row alone, so only a bad row fails."""
+        """The batch's tokens; if sampling the batch fails, each row alone, so only a bad row fails
+        (seeded rows redraw from their generators' state before the failed attempt)."""
+        states = [(seq, seq.generator.get_state() if seq.generator is not None else None) for seq in seqs]
         try:
             return self.sampler(logits, seqs)
         except Exception:  # noqa: BLE001
+            for seq, state in states:
+                if state is None:
+                    seq.generator = None  # made (and maybe advanced) by the failed attempt: made again
+                elif seq.generator is not None:
+                    seq.generator.set_state(state)
             results: list[SampleResult | Exception] = []
             for row, seq in enumerate(seqs):
                 try:

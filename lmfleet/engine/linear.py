@@ -79,19 +79,24 @@ METHODS: dict[str, Callable[[nn.Linear, str], nn.Module]] = {
 }
 
 
-def resolve_linear_method(name: str, device: torch.device) -> str:
-    """'auto': the fastest dense method for the device (oneDNN-packed or W^T on CPU, nn.Linear on CUDA)."""
+def resolve_linear_method(name: str, device: torch.device, max_rows: int | None = None) -> str:
+    """'auto': the fastest dense method for the device and the largest batch of rows it will see:
+    nn.Linear on CUDA; on CPU W^T-contiguous when every product is one row (a one-sequence engine:
+    its matrix-vector products read the weights fastest so), else oneDNN-packed (fp32)."""
     if name == "auto":
-        return "cpu-auto" if device.type == "cpu" else "dense"
+        if device.type != "cpu":
+            return "dense"
+        return "transposed" if max_rows == 1 else "cpu-auto"
     if name not in METHODS:
         raise ConfigError(f"linear_method={name!r} is not one of {['auto', *METHODS]}")
     return name
 
 
-def apply_linear_method(model: nn.Module, method: str = "auto") -> nn.Module:
-    """Swap every nn.Linear of `model` (in place; the engine's own copy) for `method`'s module."""
+def apply_linear_method(model: nn.Module, method: str = "auto", max_rows: int | None = None) -> nn.Module:
+    """Swap every nn.Linear of `model` (in place; the engine's own copy) for `method`'s module;
+    `max_rows`: the most rows (sequences) a decode product has, if known (for 'auto')."""
     device = next(model.parameters()).device
-    method = resolve_linear_method(method, device)
+    method = resolve_linear_method(method, device, max_rows)
     make = _cpu_auto if method == "cpu-auto" else METHODS[method]
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from lmfleet.errors import ConfigError
+from lmfleet.model.sampling import GREEDY_BELOW
 
 # Bounds on what one request may ask for: each is a size a client controls.
 MAX_N = 128
@@ -15,6 +16,8 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_SEED = 2**63  # exclusive: torch generators take seeds in [0, 2^64), and JSON clients 63-bit ints
 MAX_PRIORITY = 2**31
+MAX_TOP_K = 2**31  # exclusive; a top-k at or above the vocabulary means off
+MIN_REPETITION_PENALTY = 0.01
 
 
 def _is_int(value: object) -> bool:
@@ -47,7 +50,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        # Lists of their own (a caller's list may change later); None means none; other types are
+        # left for check() to name.
+        self.stop = [] if self.stop is None else list(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids) \
+            if isinstance(self.stop_token_ids, (list, tuple)) else self.stop_token_ids
         self.check()
 
     def check(self) -> None:
@@ -62,14 +69,14 @@ class SamplingParams:
             yield f"max_tokens={self.max_tokens!r} must be an integer >= 1"
         if not (_is_real(self.temperature) and self.temperature >= 0):
             yield f"temperature={self.temperature!r} must be a finite number >= 0"
-        if not (_is_int(self.top_k) and self.top_k >= 0):
-            yield f"top_k={self.top_k!r} must be an integer >= 0 (0: off)"
+        if not (_is_int(self.top_k) and 0 <= self.top_k < MAX_TOP_K):
+            yield f"top_k={self.top_k!r} must be an integer in [0, 2^31) (0: off)"
         if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             yield f"top_p={self.top_p!r} must be in (0, 1]"
         if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
             yield f"min_p={self.min_p!r} must be in [0, 1]"
-        if not (_is_real(self.repetition_penalty) and 0 < self.repetition_penalty <= 10):
-            yield f"repetition_penalty={self.repetition_penalty!r} must be in (0, 10]"
+        if not (_is_real(self.repetition_penalty) and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10):
+            yield f"repetition_penalty={self.repetition_penalty!r} must be in [{MIN_REPETITION_PENALTY}, 10]"
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (_is_real(value) and -2 <= value <= 2):
@@ -101,4 +108,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it that sampling would divide by (almost) zero."""
+        return self.temperature < GREEDY_BELOW

@@ -25,7 +25,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_num_seqs: int = 64,
                  max_model_len: int | None = None, cuda_graphs: bool = False, linear_method: str = "auto"):
         model.fuse_projections()
-        apply_linear_method(model, linear_method)
+        apply_linear_method(model, linear_method, max_rows=max_num_seqs)
         self.model = model
         self.block_size = block_size
         cfg = model.config

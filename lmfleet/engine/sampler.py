@@ -97,7 +97,7 @@ class Sampler:
         if raw is not None:
             chosen = raw.gather(-1, tokens[with_logprobs][:, None])[:, 0].tolist()
             k = max(params[i].logprobs for i in with_logprobs)
-            top = raw.topk(k) if k else None
+            top = raw.topk(min(k, raw.shape[-1])) if k else None
             top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
             for row, i in enumerate(with_logprobs):
                 want = params[i].logprobs

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lmfleet.errors import ConfigError
 from lmfleet.model.config import ModelConfig
-from lmfleet.model.sampling import sample_rows, seeded_generator
+from lmfleet.model.sampling import GREEDY_BELOW, sample_rows, seeded_generator
 from lmfleet.model.transformer import Transformer, attention_mask
 
 
@@ -41,9 +41,9 @@ class DenseKVCache:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else a draw from the tempered, top-k/top-p filtered softmax,
+    """Greedy when temperature is 0 (below GREEDY_BELOW), else a draw from the tempered, top-k/top-p filtered softmax,
     through the same sampler as the engine (a seeded draw gives the engine's token for equal logits)."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     device = logits.device
     generator = generator or torch.Generator(device=device).manual_seed(torch.seed() % 2**63)

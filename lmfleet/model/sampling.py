@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it would overflow)
 CANDIDATES = 1024  # tokens a filtered row is drawn among when its top-k / nucleus fits in them
 
 
@@ -32,8 +33,13 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF over unnormalised probabilities [B, n]: the first index whose cumulative mass
     exceeds u * total (never an index of probability zero) -> [B]."""
     cdf = probs.cumsum(-1)
-    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-    return index.clamp_(max=probs.shape[-1] - 1)[:, 0]
+    total = cdf[:, -1]
+    index = torch.searchsorted(cdf, (u * total)[:, None], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+    # A row with no finite positive mass (its logits were not finite) takes its most probable entry.
+    bad = ~(total > 0) | ~total.isfinite()
+    if bool(bad.any()):
+        index[bad] = probs[bad].nan_to_num(nan=-1.0).argmax(-1)
+    return index
 
 
 def _filtered_in_order(values: torch.Tensor, log_z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -47,6 +53,7 @@ def _filtered_in_order(values: torch.Tensor, log_z: torch.Tensor, top_k: torch.T
     norm = torch.where(limited[:, None], values.logsumexp(-1, keepdim=True), log_z)
     probs = (values - norm).exp()
     drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    drop[:, 0] = False  # the most likely token is always kept, however small top_p
     probs = probs.masked_fill(drop, 0.0)
     return probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
 
