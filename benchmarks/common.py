@@ -52,3 +52,21 @@ def bench_tokenizer(vocab_size: int, cache_dir: str = "runs/bench"):
     path.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     return tok
+
+
+def random_model(out_dir, flavor: str, model_set: list[str], vocab_size: int):
+    """Save a random-weight model of `flavor` with `--model-set key=value` overrides and a
+    `bench_tokenizer(vocab_size)` (a `vocab_size` override must match it) to `out_dir`; returns it."""
+    import json
+    from pathlib import Path
+
+    from lmfleet.model import ModelConfig, build_model, save_model
+
+    tok = bench_tokenizer(vocab_size)
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in model_set)}
+    if overrides.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise SystemExit(f"--model-set vocab_size={overrides['vocab_size']} differs from the tokenizer's "
+                         f"{tok.vocab_size}: set the vocabulary with --vocab")
+    config = ModelConfig.from_flavor(flavor, **{**overrides, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id})
+    save_model(build_model(config, seed=0), out_dir, tokenizer=tok)
+    return Path(out_dir)

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from common import bench_tokenizer
+from common import random_model
 from lmfleet.engine import LLMEngine, SamplingParams
-from lmfleet.model import ModelConfig, build_model, save_model
 from lmfleet.model.gguf_export import export_gguf
 from llamacpp import decode_tok_s, greedy_tokens, llama_server
 
@@ -46,12 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            tok = bench_tokenizer(args.vocab)
-            overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
-            config = ModelConfig.from_flavor(args.flavor, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                             **overrides)
-            model_dir = Path(tmp) / "model"
-            save_model(build_model(config, seed=0), model_dir, tokenizer=tok)
+            model_dir = random_model(Path(tmp) / "model", args.flavor, args.model_set, args.vocab)
         gguf_path = export_gguf(model_dir, Path(tmp) / "model.gguf", args.type)
         engine = LLMEngine(model_dir, enable_prefix_caching=False, num_blocks=64, linear_method=args.linear_method)
         config = engine.model.config

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import bench_tokenizer, free_port, wait_healthy
-from lmfleet.model import ModelConfig, build_model, save_model
+from common import free_port, random_model, wait_healthy
 from lmfleet.model.gguf_export import export_gguf
 from lmfleet.serve.bench import BenchConfig, run_benchmark
 from llamacpp import llama_server
@@ -67,13 +66,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            tok = bench_tokenizer(args.vocab)
-            overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
-            config = ModelConfig.from_flavor(args.flavor, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                             **overrides)
-            model_dir = Path(tmp) / "model"
-            save_model(build_model(config, seed=0), model_dir, tokenizer=tok)
+            model_dir = random_model(Path(tmp) / "model", args.flavor, args.model_set, args.vocab)
         gguf = export_gguf(model_dir, Path(tmp) / "model.gguf", "F32")
+        vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+        token_range = (min(300, vocab // 4), min(20000, vocab - 1))  # ordinary (non-special) ids
         slots = max(levels)
         context = slots * (args.input_len + args.output_len + 64)
         with llama_server(args.llama_bin, gguf, threads, slots, context, "bench") as llama_url, \
@@ -82,8 +78,12 @@ def main() -> None:
                 def bench(url: str) -> dict:
                     cfg = BenchConfig(url, num_prompts=args.num_prompts, concurrency=concurrency, model="bench",
                                       input_len=(args.input_len, args.input_len),
-                                      output_len=(args.output_len, args.output_len), token_range=(300, 20000))
-                    return asyncio.run(run_benchmark(cfg))
+                                      output_len=(args.output_len, args.output_len), token_range=token_range)
+                    result = asyncio.run(run_benchmark(cfg))
+                    if result["failed"] == args.num_prompts:  # some may fail (see the table), not all
+                        raise SystemExit(f"{result['failed']} of {args.num_prompts} requests to {url} failed: "
+                                         f"{result.get('first_errors')}")
+                    return result
 
                 bench(ours_url), bench(llama_url)  # warm-up both
                 for _ in range(args.repeats):

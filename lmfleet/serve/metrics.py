@@ -41,9 +41,9 @@ class _EngineCollector(Collector):
         yield gauge("lmfleet:num_requests_running", "Sequences in the running batch.", s["running"])
         yield gauge("lmfleet:num_requests_waiting", "Sequences waiting to be scheduled.", s["waiting"])
         yield gauge("lmfleet:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s["kv_cache_usage"])
-        yield counter("lmfleet:prefix_cache_queries", "Prompt blocks looked up in the prefix cache.",
+        yield counter("lmfleet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (once per admitted sequence).",
                       s["prefix_queries"])
-        yield counter("lmfleet:prefix_cache_hits", "Prompt blocks found in the prefix cache.", s["prefix_hits"])
+        yield counter("lmfleet:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_hits"])
         yield counter("lmfleet:num_preemptions", "Sequences preempted (blocks freed, recomputed later).",
                       s["preemptions"])
         yield counter("lmfleet:prompt_tokens", "Prompt tokens accepted.", s["prompt_tokens"])
