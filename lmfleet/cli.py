@@ -73,6 +73,8 @@ def data_prepare(
     tokenizer: Annotated[Optional[Path], typer.Option(help="Reuse the tokenizer of this model or corpus "
                                                       "directory instead of training one.")] = None,
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 50_000_000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a corpus already in --out (a "
+                                            "directory holding anything else is always refused).")] = False,
 ) -> None:
     """Train a tokenizer on text sources and write token shards, a train/val split and manifest.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -87,7 +89,8 @@ def data_prepare(
             bar.update(task, description="tokenizing", completed=done, total=total)
 
         manifest = prepare_corpus(source, out_dir, vocab_size=vocab_size, val_fraction=val_fraction,
-                                  shard_tokens=shard_tokens, tokenizer=tokenizer, progress=progress)
+                                  shard_tokens=shard_tokens, tokenizer=tokenizer, progress=progress,
+                                  overwrite=overwrite)
     table = Table(title=f"corpus {out_dir}", show_header=True)
     for col in ("split", "documents", "tokens", "shards"):
         table.add_column(col, justify="right" if col != "split" else "left")

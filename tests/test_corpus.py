@@ -84,3 +84,29 @@ def test_stdlib_corpus_via_cli(tmp_path) -> None:
     expected = _expected_streams(["stdlib"], corpus, manifest["val_fraction"])
     for split in ("train", "val"):
         assert corpus.tokens(split).tolist() == expected[split]
+
+
+def test_prepare_never_deletes_what_it_did_not_write(text_dir, tmp_path) -> None:
+    """`data prepare --out runs` where runs/ holds training runs is refused and leaves runs/ as it
+    was; a corpus already there is replaced only with --overwrite."""
+    from .helpers import assert_one_line_error, run_cli
+
+    runs = tmp_path / "runs"
+    (runs / "tiny" / "final").mkdir(parents=True)
+    (runs / "tiny" / "final" / "model.safetensors").write_bytes(b"weights")
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    result = run_cli("data", "prepare", "--source", str(text_dir), "--out", str(runs), "--vocab-size", "300")
+    assert_one_line_error(result, "is not empty and holds no corpus")
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before
+    assert (runs / "tiny" / "final" / "model.safetensors").read_bytes() == b"weights"
+
+    corpus = tmp_path / "corpus"
+    first = prepare_corpus([str(text_dir / "en.txt")], corpus, vocab_size=300)
+    again = run_cli("data", "prepare", "--source", str(text_dir), "--out", str(corpus), "--vocab-size", "300")
+    assert_one_line_error(again, "already holds a corpus", "--overwrite")
+    assert Corpus(corpus).manifest["files_read"] == first["files_read"] == 1
+    replaced = run_cli("data", "prepare", "--source", str(text_dir), "--out", str(corpus), "--vocab-size", "300",
+                       "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert Corpus(corpus).manifest["files_read"] == len([p for p in text_dir.rglob("*") if p.is_file()])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temporary left behind

@@ -178,15 +178,35 @@ def _carve_val(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> N
     val.write(tokens[-n_val:])
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, a directory holding anything but a corpus, or a corpus
+    without `overwrite` (nothing is deleted that a user did not ask to replace)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise ConfigError(f"--out {out} is not empty and holds no corpus ({MANIFEST}): choose a new or empty "
+                          f"directory; nothing was changed")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a corpus: pass --overwrite to replace it")
+
+
 def prepare_corpus(sources: Sequence[str], out: str | os.PathLike, vocab_size: int = 8192,
                    val_fraction: float = 0.01, shard_tokens: int = 50_000_000,
                    tokenizer: str | os.PathLike | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Build a corpus directory; returns its manifest. Deterministic for the same sources.
 
     `tokenizer`: a directory whose tokenizer to reuse instead of training a new one.
     `progress(stage, done, total)` is called as files are tokenized.
+    `out` must be new or empty; a previous corpus there is replaced only with `overwrite`, and a
+    directory holding anything else is never touched.
     """
+    check_output_dir(Path(out), overwrite)
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
     if shard_tokens <= 0:
@@ -236,9 +256,15 @@ def prepare_corpus(sources: Sequence[str], out: str | os.PathLike, vocab_size: i
             "splits": {s: w.summary() for s, w in writers.items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        check_output_dir(out, overwrite)  # again: it may have changed while we tokenized
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            # The old corpus moves aside first and goes only once the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
