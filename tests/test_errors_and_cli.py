@@ -102,3 +102,11 @@ def test_cli_init_info_generate(tmp_path, text_dir) -> None:
     chat = run_cli("generate", str(model), "hello", "--chat", "--max-tokens", "5")
     assert chat.returncode == 0, chat.stderr
     assert "Usage" in run_cli("generate", "--help").stdout
+
+
+def test_error_text_is_printed_verbatim(tmp_path) -> None:
+    """Square brackets in an error (an extra's name, a path) are text, not console markup."""
+    target = tmp_path / "corpus[grpc]"
+    target.write_text("a file")
+    result = run_cli("data", "prepare", "--source", "stdlib", "--out", str(target))
+    assert_one_line_error(result, f"--out {target} is a file")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import httpx
@@ -57,16 +58,19 @@ class Server(NamedTuple):
 def server(request, model_dir, grpc_port, tmp_path_factory):
     """The same `lmfleet serve` command, as one process and as 2 replicas on a local Ray Serve
     (`--replicas 2`): every test using this fixture runs against both. Stopped by SIGTERM; for the
-    cluster, no process it started may be left afterwards."""
+    cluster, no process it started may be left afterwards. It is the installed `lmfleet` command,
+    started outside the source tree (nothing may depend on the repository being on sys.path)."""
     cluster = request.param == "cluster"
     port = free_port()
-    cmd = [sys.executable, "-c", "from lmfleet.cli import main; main()", "serve", str(model_dir), "--port", str(port),
+    installed = Path(sys.executable).with_name("lmfleet")
+    assert installed.is_file(), f"{installed} is missing: install the package (make install)"
+    cmd = [str(installed), "serve", str(model_dir), "--port", str(port),
            "--api-key", KEY, "--served-model-name", NAME, "--kv-cache-memory", "8MiB", "--max-num-seqs", "16",
            "--max-body-bytes", "1MiB", "--log-level", "warning", "--shutdown-timeout", "30"]
     cmd += ["--replicas", "2", "--cpus-per-replica", "1"] if cluster else ["--grpc-port", str(grpc_port)]
     log = tmp_path_factory.mktemp("server-log") / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=log.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + (240 if cluster else 90)
     while True:

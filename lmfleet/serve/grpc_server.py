@@ -7,7 +7,10 @@ always match the installed protobuf runtime.
 
 from __future__ import annotations
 
+import importlib.resources
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from lmfleet.errors import ConfigError
@@ -19,10 +22,19 @@ def load_protos() -> tuple[Any, Any]:
         import grpc
     except ImportError:
         raise ConfigError("gRPC needs the grpc extra: pip install 'lmfleet[grpc]'") from None
+    # The proto is resolved against sys.path: put the folder that holds the installed `lmfleet`
+    # package there (an editable install's CLI does not have the source tree on sys.path).
+    root = str(Path(str(importlib.resources.files("lmfleet"))).parent)
+    added = root not in sys.path
+    if added:
+        sys.path.append(root)
     try:
         return grpc.protos_and_services("lmfleet/serve/proto/generation.proto")
     except ImportError as exc:
         raise ConfigError(f"cannot build the gRPC modules ({exc}); pip install 'lmfleet[grpc]'") from None
+    finally:
+        if added:
+            sys.path.remove(root)
 
 
 def _status_of(http_status: int) -> Any:
