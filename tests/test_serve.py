@@ -410,6 +410,26 @@ def _in_process(model_dir, **settings) -> tuple[AsyncLLMEngine, httpx.Client]:
     return engine, TestClient(build_app(engine, ServeSettings(NAME, **settings)))
 
 
+def test_api_docs_only_when_enabled_and_bearer_in_any_case(model_dir) -> None:
+    """/docs, /redoc and /openapi.json map the whole API: off unless enable_docs. The auth scheme
+    name is case-insensitive (RFC 9110), the key itself is not."""
+    engine, client = _in_process(model_dir, api_keys=["s3cret"])
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404, path
+        for header, status in (("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER  s3cret ", 200),
+                               ("Bearer S3CRET", 401), ("Basic s3cret", 401), ("bearer", 401)):
+            assert client.get("/v1/models", headers={"Authorization": header}).status_code == status, header
+    finally:
+        engine.shutdown()
+    engine, client = _in_process(model_dir, enable_docs=True)
+    try:
+        assert client.get("/openapi.json").json()["info"]["title"] == "lmfleet"
+        assert client.get("/docs").status_code == 200
+    finally:
+        engine.shutdown()
+
+
 def test_queue_full_and_rate_limit_answer_429(model_dir) -> None:
     engine, client = _in_process(model_dir, max_queued_requests=0)
     try:

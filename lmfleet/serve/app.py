@@ -47,6 +47,7 @@ class ServeSettings:
     grpc_host: str = "127.0.0.1"
     ssl_keyfile: str | None = None  # TLS for the gRPC port too, when set
     ssl_certfile: str | None = None
+    enable_docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they map the API for anyone)
 
 
 class APIError(Exception):
@@ -290,7 +291,9 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         if front.engine is not None:
             front.engine.shutdown()
 
-    app = FastAPI(title="lmfleet", version=__version__, lifespan=lifespan)
+    docs = settings.enable_docs
+    app = FastAPI(title="lmfleet", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.front = front
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
 

@@ -49,9 +49,10 @@ class KeyChecker:
 
     def identify(self, authorization: str | None) -> str | None:
         """The matching key's id (a short digest prefix) for `Authorization: Bearer KEY`, else None."""
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():  # auth schemes are case-insensitive (RFC 9110)
             return None
-        digest = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).digest()
+        digest = hashlib.sha256(token.strip().encode()).digest()
         match = None
         for known in self._digests:
             if hmac.compare_digest(known, digest):
