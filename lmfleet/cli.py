@@ -332,6 +332,8 @@ def serve(
     max_body_bytes: Annotated[str, typer.Option(help="Largest request body accepted (413 above).")] = "4MiB",
     protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")]
     = False,
+    enable_priority: Annotated[bool, typer.Option("--enable-priority", help="Schedule by each request's "
+                                                  "`priority` (off: a request that sets it gets 400).")] = False,
     enable_docs: Annotated[bool, typer.Option("--enable-docs", help="Serve /docs, /redoc and /openapi.json "
                                               "(off by default: they describe the API to anyone).")] = False,
     ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
@@ -380,7 +382,7 @@ def serve(
     ssl_key, ssl_cert = (str(ssl_keyfile) if ssl_keyfile else None), (str(ssl_certfile) if ssl_certfile else None)
     settings = ServeSettings(name, keys, max_queued_requests, parse_size(max_body_bytes, "--max-body-bytes"),
                              rate_limit, rate_burst, protect_metrics, grpc_port, host, ssl_key, ssl_cert,
-                             enable_docs)
+                             enable_docs, enable_priority)
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,

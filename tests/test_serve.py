@@ -304,6 +304,13 @@ BAD = [
     ("echo", "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, 400, "echo"),
     ("suffix", "/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("priority without --enable-priority", "/v1/completions", {"model": NAME, "prompt": "x", "priority": -9}, 400,
+     "priority"),
+    ("300 prompts", "/v1/completions", {"model": NAME, "prompt": ["x"] * 300, "max_tokens": 1}, 400, "prompt"),
+    ("9 prompts x n=128", "/v1/completions", {"model": NAME, "prompt": ["x"] * 9, "n": 128, "max_tokens": 1}, 400,
+     "n"),
+    ("temperature 2.5", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                                 "temperature": 2.5}, 400, "temperature"),
     ("10 MB body", "/v1/completions", {"model": NAME, "prompt": "x" * 10_000_000}, 413, None),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "x"}, 404, None),
 ]
@@ -426,6 +433,15 @@ def test_api_docs_only_when_enabled_and_bearer_in_any_case(model_dir) -> None:
     try:
         assert client.get("/openapi.json").json()["info"]["title"] == "lmfleet"
         assert client.get("/docs").status_code == 200
+    finally:
+        engine.shutdown()
+
+
+def test_priority_is_honoured_when_enabled(model_dir) -> None:
+    engine, client = _in_process(model_dir, enable_priority=True)
+    try:
+        body = {"model": NAME, "prompt": "x", "max_tokens": 2, "priority": -9}
+        assert client.post("/v1/completions", json=body).status_code == 200
     finally:
         engine.shutdown()
 

@@ -48,6 +48,12 @@ class ServeSettings:
     ssl_keyfile: str | None = None  # TLS for the gRPC port too, when set
     ssl_certfile: str | None = None
     enable_docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they map the API for anyone)
+    enable_priority: bool = False  # honour a request's `priority` (off: any client could preempt the others)
+
+
+# What one request may start (each prompt runs as `n` sequences): sizes a client controls.
+MAX_PROMPTS = 256
+MAX_SEQUENCES_PER_REQUEST = 1024
 
 
 class APIError(Exception):
@@ -240,14 +246,28 @@ class Frontend:
                            code="queue_full", headers={"Retry-After": "1"})
         return e
 
-    @staticmethod
-    def start(e: AsyncLLMEngine, prompts: list[Any], make_params: Callable[[list[int]], Any]) -> list[RequestStream]:
+    def start(self, e: AsyncLLMEngine, prompts: list[Any],
+              make_params: Callable[[list[int]], Any]) -> list[RequestStream]:
         """Tokenize, validate and queue every prompt (all or none); 400 names the bad field."""
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed per request",
+                           param="prompt")
         streams: list[RequestStream] = []
         try:
             for prompt in prompts:
                 ids = e.engine.tokenize(prompt)
-                streams.append(e.add_request(ids, make_params(ids)))
+                params = make_params(ids)
+                if params.priority and not self.settings.enable_priority:
+                    raise APIError(400, "priority is not enabled on this server (lmfleet serve --enable-priority)",
+                                   param="priority")
+                if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
+                    raise APIError(400, f"{len(prompts)} prompts x n={params.n} is more than "
+                                        f"{MAX_SEQUENCES_PER_REQUEST} sequences in one request", param="n")
+                streams.append(e.add_request(ids, params))
+        except APIError:
+            for s in streams:
+                s.close()
+            raise
         except ValueError as exc:
             for s in streams:
                 s.close()

@@ -54,6 +54,8 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
 
     def _check_common(self) -> None:
+        if self.temperature is not None and not 0 <= self.temperature <= 2:  # the OpenAI API's range
+            raise UnsupportedField("temperature", f"temperature={self.temperature} must be in [0, 2]")
         if self.logit_bias:
             raise UnsupportedField("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
