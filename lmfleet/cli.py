@@ -361,7 +361,7 @@ def serve(
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with
     /health, /metrics (Prometheus) and /version."""
     from lmfleet.serve.app import ServeSettings
-    from lmfleet.serve.auth import load_api_keys
+    from lmfleet.serve.auth import load_api_keys, open_exposure_warning
     from lmfleet.serve.server import check_inputs, parse_size, run_server
 
     if not 0 < port < 65536:
@@ -372,6 +372,9 @@ def serve(
     if linear_method not in ("auto", *METHODS):
         raise ConfigError(f"--linear-method {linear_method!r} is not one of {['auto', *METHODS]}")
     keys = load_api_keys(api_key or [], api_key_file)
+    exposure = open_exposure_warning(host, keys)
+    if exposure is not None:
+        console.print(f"[bold yellow]warning:[/] {escape(exposure)}", highlight=False, soft_wrap=True)
     name = served_model_name or Path(model_dir).resolve().name
     if grpc_port is not None:
         if not 0 < grpc_port < 65536 or grpc_port == port:

@@ -390,6 +390,20 @@ def test_serve_bad_arguments_are_one_line_errors(model_dir, args, needle) -> Non
     assert_one_line_error(run_cli("serve", *args), needle)
 
 
+@pytest.mark.parametrize("host,keys,warned", [
+    ("127.0.0.1", [], False), ("::1", [], False), ("[::1]", [], False), ("localhost", [], False),
+    ("127.0.0.2", [], False), ("0.0.0.0", [], True), ("::", [], True), ("10.1.2.3", [], True),
+    ("myhost.example", [], True), ("0.0.0.0", ["k" * 16], False),
+])
+def test_open_server_beyond_loopback_is_warned_about(host, keys, warned) -> None:
+    from lmfleet.serve.auth import open_exposure_warning
+
+    message = open_exposure_warning(host, keys)
+    assert (message is not None) == warned
+    if warned:
+        assert host in message and "LMFLEET_API_KEY" in message
+
+
 def test_api_keys_from_flags_env_and_file(tmp_path) -> None:
     from lmfleet.errors import ConfigError
     from lmfleet.serve.auth import KeyChecker, RateLimiter, load_api_keys

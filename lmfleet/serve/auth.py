@@ -36,6 +36,21 @@ def load_api_keys(keys: Iterable[str] = (), key_file: str | Path | None = None,
     return list(dict.fromkeys(found))
 
 
+def open_exposure_warning(host: str, keys: list[str]) -> str | None:
+    """A warning when a server without API keys listens beyond this machine (None otherwise)."""
+    import ipaddress
+
+    if keys or host in ("localhost", "ip6-localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name other than localhost: it may resolve to any interface
+    return (f"serving on {host} without API keys: anyone who can reach this port can use the model; "
+            f"set {API_KEY_ENV} or --api-key-file (or bind 127.0.0.1)")
+
+
 class KeyChecker:
     """Constant-time comparison against every configured key (digests of equal length, and every
     key compared whatever matches, so timing tells nothing about the keys)."""
