@@ -169,8 +169,32 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, engine) -> Non
             usage = chunk.usage
     assert text == ref.text
     assert reasons[-1] == out.choices[0].finish_reason and all(r is None for r in reasons[:-1])
-    assert usage.model_dump() == out.usage.model_dump() | {"completion_tokens_details": None,
-                                                           "prompt_tokens_details": None}
+    streamed, whole = usage.model_dump(), out.usage.model_dump()
+    for u in (streamed, whole):  # the second of two equal prompts may find it in the prefix cache
+        assert 0 <= u.pop("prompt_tokens_details")["cached_tokens"] < u["prompt_tokens"]
+    assert streamed == whole | {"completion_tokens_details": None}
+
+
+def test_usage_reports_cached_prompt_tokens(server, client) -> None:
+    """A prompt of 40 token ids sent twice: the second finds its two full 16-token blocks cached
+    (on one server; on the cluster the router may send it to the other replica)."""
+    import random
+
+    prompt = [random.Random(time.time_ns()).randrange(5, 300) for _ in range(40)]
+    first = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens == 40
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == 32 or (server.cluster and cached in (0, 32)), cached
+
+
+def test_an_aborted_choice_is_not_reported_as_stopped() -> None:
+    from lmfleet.engine.engine import CompletionOutput
+    from lmfleet.serve.protocol import finish_reason
+
+    assert finish_reason(CompletionOutput(0, [1], "a", "abort", None, None)) == "abort"
+    assert finish_reason(CompletionOutput(0, [1], "a", "stop", None, None)) == "stop"
 
 
 def test_seed_n_and_streaming_agree(client) -> None:

@@ -380,9 +380,10 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
     def observe(out: RequestOutput) -> None:
         metrics.finished(out.metrics, P.finish_reason(out.outputs[0]))
 
-    def total_usage(outs: list[RequestOutput]) -> dict[str, int]:
+    def total_usage(outs: list[RequestOutput]) -> dict[str, Any]:
         return P.usage(sum(len(o.prompt_token_ids) for o in outs),
-                       sum(len(c.token_ids) for o in outs for c in o.outputs))
+                       sum(len(c.token_ids) for o in outs for c in o.outputs),
+                       cached_tokens=sum(o.num_cached_tokens for o in outs))
 
     async def stream_events(streams: list[RequestStream], n: int, chunk: Callable[..., dict[str, Any] | None],
                             finish: Callable[[list[RequestOutput]], list[dict[str, Any]]]) -> AsyncIterator[str]:

@@ -157,9 +157,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
@@ -189,11 +193,12 @@ def completion_logprobs(entries: list[dict[str, Any]], tokenizer: Any, offset: i
 
 
 def finish_reason(output: CompletionOutput) -> str | None:
-    return "stop" if output.finish_reason == "abort" else output.finish_reason
+    """The engine's reason as sent: stop, length, abort (as vLLM; never passed off as stop), error."""
+    return output.finish_reason
 
 
 def envelope(kind: str, request_id: str, model: str, choices: list[dict[str, Any]],
-             usage_: dict[str, int] | None = None, created: int | None = None,
+             usage_: dict[str, Any] | None = None, created: int | None = None,
              null_usage: bool = False) -> dict[str, Any]:
     """A response or stream chunk; `null_usage`: carry `"usage": null` (streams that will end with
     a usage chunk carry it on every chunk)."""
