@@ -333,6 +333,8 @@ BAD = [
     ("300 prompts", "/v1/completions", {"model": NAME, "prompt": ["x"] * 300, "max_tokens": 1}, 400, "prompt"),
     ("9 prompts x n=128", "/v1/completions", {"model": NAME, "prompt": ["x"] * 9, "n": 128, "max_tokens": 1}, 400,
      "n"),
+    ("top_logprobs 21", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                                 "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("temperature 2.5", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
                                                  "temperature": 2.5}, 400, "temperature"),
     ("10 MB body", "/v1/completions", {"model": NAME, "prompt": "x" * 10_000_000}, 413, None),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lmfleet.engine import SamplingParams
 from lmfleet.engine.engine import CompletionOutput
+from lmfleet.engine.params import MAX_LOGPROBS
 
 
 class UnsupportedField(ValueError):
@@ -141,6 +142,8 @@ class ChatCompletionRequest(_SamplingRequest):
             raise UnsupportedField("response_format", "only response_format {\"type\": \"text\"} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs=true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise UnsupportedField("top_logprobs", f"top_logprobs={self.top_logprobs} must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def requested_max_tokens(self) -> int | None:
