@@ -368,9 +368,8 @@ def serve(
         raise ConfigError(f"--port {port} must be in 1..65535")
     if max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests {max_queued_requests} must be >= 0")
-    from lmfleet.engine.linear import METHODS
-    if linear_method not in ("auto", *METHODS):
-        raise ConfigError(f"--linear-method {linear_method!r} is not one of {['auto', *METHODS]}")
+    from lmfleet.engine.linear import check_linear_method
+    check_linear_method(linear_method)
     keys = load_api_keys(api_key or [], api_key_file)
     exposure = open_exposure_warning(host, keys)
     if exposure is not None:
@@ -389,7 +388,8 @@ def serve(
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                         linear_method=linear_method, kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
+                         linear_method=linear_method,
+                         kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
         if grpc_port is not None or ssl_key is not None:

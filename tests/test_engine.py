@@ -53,6 +53,16 @@ def hf_greedy(model_and_hf, prompts):
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
+def run_to_completion(engine: LLMEngine) -> dict:
+    """Step until every queued request finished: their last outputs by request id."""
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
 def graph_shaped(engine: LLMEngine):
     """Decode-only steps through the fixed-shape forward that CUDA graphs capture, run eagerly."""
     from lmfleet.engine.decode_graphs import DecodeGraphs
@@ -499,11 +509,7 @@ def test_a_choice_that_fails_admission_takes_its_request_out_of_the_step(model_a
     engine.add_request(prompts[0], GREEDY, request_id="good")
     engine.add_request(prompts[1], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, n=2, seed=1),
                        request_id="bad")
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_to_completion(engine)
     assert "admission broke" in done["bad"].error and done["good"].token_ids == hf_greedy[0]
     assert engine.num_free_blocks == engine.block_manager.num_blocks
 
@@ -526,11 +532,7 @@ def test_a_seeded_request_keeps_its_tokens_when_a_batch_mate_breaks_sampling(mod
     engine.sampler = late_failure
     engine.add_request(prompts[0], seeded, request_id="seeded")
     engine.add_request(prompts[1], GREEDY, request_id="bad")
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_to_completion(engine)
     assert done["bad"].error is not None and done["seeded"].token_ids == alone
 
 
@@ -600,11 +602,7 @@ def test_a_failure_while_sampling_or_finishing_one_request_fails_it_alone(model_
         engine.add_request(prompt, GREEDY, request_id=f"good-{i}")
     engine.add_request(prompts[5], GREEDY, request_id="bad-sample")
     engine.add_request(prompts[6], GREEDY, request_id="bad-finish")
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_to_completion(engine)
     assert "sampler broke" in done["bad-sample"].error and "bad byte" in done["bad-finish"].error
     assert done["bad-finish"].finish_reason == "error"
     assert [done[f"good-{i}"].token_ids for i in range(4)] == hf_greedy[:4]

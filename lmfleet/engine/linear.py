@@ -83,13 +83,17 @@ def resolve_linear_method(name: str, device: torch.device, max_rows: int | None 
     """'auto': the fastest dense method for the device and the largest batch of rows it will see:
     nn.Linear on CUDA; on CPU W^T-contiguous when every product is one row (a one-sequence engine:
     its matrix-vector products read the weights fastest so), else oneDNN-packed (fp32)."""
+    check_linear_method(name)
     if name == "auto":
         if device.type != "cpu":
             return "dense"
         return "transposed" if max_rows == 1 else "cpu-auto"
-    if name not in METHODS:
-        raise ConfigError(f"linear_method={name!r} is not one of {['auto', *METHODS]}")
     return name
+
+
+def check_linear_method(name: str) -> None:
+    if name != "auto" and name not in METHODS:
+        raise ConfigError(f"linear_method={name!r} is not one of {['auto', *METHODS]}")
 
 
 def apply_linear_method(model: nn.Module, method: str = "auto", max_rows: int | None = None) -> nn.Module:

@@ -28,6 +28,14 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _own_list(value: object) -> object:
+    """A list of its own (a caller's list may change later); None: empty; other types are left for
+    check() to name."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -50,11 +58,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        # Lists of their own (a caller's list may change later); None means none; other types are
-        # left for check() to name.
-        self.stop = [] if self.stop is None else list(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids) \
-            if isinstance(self.stop_token_ids, (list, tuple)) else self.stop_token_ids
+        self.stop, self.stop_token_ids = _own_list(self.stop), _own_list(self.stop_token_ids)
         self.check()
 
     def check(self) -> None:
