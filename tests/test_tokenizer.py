@@ -6,7 +6,7 @@ import json
 
 import pytest
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lmfleet.model.tokenizer import BOS, EOS, IM_END, Tokenizer, load_tokenizer
@@ -44,12 +44,15 @@ def _stream(tokenizer: Tokenizer, ids: list[int], skip: bool = False) -> list[st
 
 
 @given(st.text(max_size=120))
+@example("\ufffd")  # a literal U+FFFD is text, not a broken character
+@example("a\ufffdb\ufffd")
 @settings(max_examples=200, deadline=None)
 def test_streaming_detokenization_equals_full_decode(tokenizer: Tokenizer, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = _stream(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids) == text
-    assert not any("\ufffd" in p for p in pieces)  # never a broken character mid-stream
+    if "\ufffd" not in text:  # never a broken character mid-stream
+        assert not any("\ufffd" in p for p in pieces)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=399), max_size=60))
