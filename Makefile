@@ -45,6 +45,7 @@ $(QS)/tiny/final/config.json: $(QS)/corpus/manifest.json configs/tiny.toml
 	$(LMFLEET) train configs/tiny.toml --data $(QS)/corpus --out $(QS)/tiny --nproc 2
 
 test: install
+	$(VENV)/bin/ruff check lmfleet tests benchmarks
 	$(PY) -m pytest -q
 
 clean:

@@ -20,8 +20,8 @@ import subprocess
 import sys
 
 import httpx
-
 from common import free_port, wait_healthy
+
 from lmfleet.serve import ServeSettings
 from lmfleet.serve.bench import BenchConfig, run_benchmark
 

@@ -21,7 +21,6 @@ import sys
 import time
 
 import httpx
-
 from common import free_port, wait_healthy
 
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import random_model
+from llamacpp import decode_tok_s, greedy_tokens, llama_server
+
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.model.gguf_export import export_gguf
-from llamacpp import decode_tok_s, greedy_tokens, llama_server
 
 
 def main() -> None:

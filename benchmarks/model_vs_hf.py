@@ -103,7 +103,7 @@ def main() -> None:
     print(f"{'measure':<34}{'lmfleet':>12}{'HF':>12}{'speed-up':>10}")
     print(f"{f'prefill {args.batch}x{args.prompt_len} (ms)':<34}{t_ours * 1e3:>12.2f}{t_hf * 1e3:>12.2f}"
           f"{t_hf / t_ours:>9.2f}x")
-    print(f"{f'greedy decode, batch 1 (tok/s)':<34}{n / d_ours:>12.1f}{n / d_hf:>12.1f}{d_hf / d_ours:>9.2f}x")
+    print(f"{'greedy decode, batch 1 (tok/s)':<34}{n / d_ours:>12.1f}{n / d_hf:>12.1f}{d_hf / d_ours:>9.2f}x")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)

@@ -18,8 +18,8 @@ import tempfile
 import time
 
 import torch
-
 from common import free_port, wait_healthy
+
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.engine.bench import synthetic_requests
 from lmfleet.model import ModelConfig, build_model, load_tokenizer, save_model

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from common import free_port, random_model, wait_healthy
+from llamacpp import llama_server
+
 from lmfleet.model.gguf_export import export_gguf
 from lmfleet.serve.bench import BenchConfig, run_benchmark
-from llamacpp import llama_server
 
 
 @contextmanager
@@ -75,7 +75,7 @@ def main() -> None:
         with llama_server(args.llama_bin, gguf, threads, slots, context, "bench") as llama_url, \
                 lmfleet_server(model_dir, "bench", slots, Path(tmp) / "lmfleet.log") as ours_url:
             for concurrency in levels:
-                def bench(url: str) -> dict:
+                def bench(url: str, concurrency: int = concurrency) -> dict:
                     cfg = BenchConfig(url, num_prompts=args.num_prompts, concurrency=concurrency, model="bench",
                                       input_len=(args.input_len, args.input_len),
                                       output_len=(args.output_len, args.output_len), token_range=token_range)

@@ -69,7 +69,7 @@ def handwritten_loop(args, corpus: Path, model_config: ModelConfig, device: torc
     optimizer = build_optimizer(model, config)
     rng = np.random.default_rng(0)
     times = []
-    for step in range(args.steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
         ix = rng.integers(0, len(data) - args.seq_len - 1, args.micro_batch)
         batch = torch.from_numpy(np.stack([data[i:i + args.seq_len + 1].astype(np.int64) for i in ix])).to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+def _root(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                           help="Print the version and exit.")] = None) -> None:
     pass
 
@@ -71,7 +71,7 @@ def data_prepare(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Corpus directory to write.")],
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size, special tokens included.")] = 8192,
     val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.01,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Reuse the tokenizer of this model or corpus "
+    tokenizer: Annotated[Path | None, typer.Option(help="Reuse the tokenizer of this model or corpus "
                                                       "directory instead of training one.")] = None,
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 50_000_000,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a corpus already in --out (a "
@@ -112,7 +112,7 @@ def init(
     tokenizer: Annotated[Path, typer.Option(help="Corpus or model directory whose tokenizer the model uses.")],
     flavor: Annotated[str, typer.Option(help="Named size: debug (~1M), tiny (~10M), small (~60M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a ModelConfig field, "
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a ModelConfig field, "
                                                            "e.g. --set num_hidden_layers=2.")] = None,
 ) -> None:
     """Write a freshly initialised model directory (HF layout) for a tokenizer."""
@@ -160,9 +160,9 @@ def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Prompt text (a user message with --chat).")],
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible output.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed, for reproducible output.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
@@ -204,19 +204,19 @@ def generate_cmd(
 @app.command("train")
 def train(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Training config (see configs/).")],
-    data: Annotated[Optional[Path], typer.Option(help="Corpus directory (overrides [data] dir).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (overrides [train] out_dir).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint interval in steps.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Corpus directory (overrides [data] dir).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (overrides [train] out_dir).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in steps.")] = None,
     nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
     nnodes: Annotated[int, typer.Option(help="Nodes taking part (multi-node needs --rdzv-endpoint).")] = 1,
-    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank (multi-node).")] = None,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of the rendezvous (multi-node).")] = None,
+    node_rank: Annotated[int | None, typer.Option(help="This node's rank (multi-node).")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")] = None,
     max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure; "
                                               "workers resume from the latest checkpoint.")] = 0,
-    strategy: Annotated[Optional[str], typer.Option(help="ddp, fsdp or diloco (overrides [train] strategy).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="ddp, fsdp or diloco (overrides [train] strategy).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override any setting: "
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: "
                                                            "section.key=value, e.g. optim.lr=1e-3.")] = None,
 ) -> None:
     """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes."""
@@ -275,7 +275,7 @@ def eval_cmd(
 @app.command("plot")
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")],
-    output: Annotated[Optional[Path], typer.Option("--out", help="Image path (default RUN_DIR/loss.png).")] = None,
+    output: Annotated[Path | None, typer.Option("--out", help="Image path (default RUN_DIR/loss.png).")] = None,
 ) -> None:
     """Plot training and validation loss against tokens seen (loss.png)."""
     from lmfleet.train.plot import plot_run
@@ -305,18 +305,18 @@ def serve(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accept this key (repeatable); also "
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accept this key (repeatable); also "
                                                          "LMFLEET_API_KEY (comma-separated). None: open.")] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one per line.")] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the "
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: the "
                                                              "directory name).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 64,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Tokens per engine step at most.")] = 2048,
     max_queued_requests: Annotated[int, typer.Option(help="Requests waiting beyond the running batch before "
                                                      "new ones get 429.")] = 512,
-    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache size, e.g. 512MiB, 4GiB (default: "
+    kv_cache_memory: Annotated[str | None, typer.Option(help="KV-cache size, e.g. 512MiB, 4GiB (default: "
                                                            "a share of free memory).")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Context length cap (default: the model's).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length cap (default: the model's).")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
@@ -326,9 +326,9 @@ def serve(
     linear_method: Annotated[str, typer.Option(help="How linear layers multiply: auto, packed (oneDNN, CPU fp32), "
                                                     "transposed (W^T, fastest for batch-1 decode on CPU) "
                                                     "or dense.")] = "auto",
-    rate_limit: Annotated[Optional[float], typer.Option(help="Requests per second per API key (token bucket); "
+    rate_limit: Annotated[float | None, typer.Option(help="Requests per second per API key (token bucket); "
                                                         "over it: 429.")] = None,
-    rate_burst: Annotated[Optional[int], typer.Option(help="Burst size of the rate limit.")] = None,
+    rate_burst: Annotated[int | None, typer.Option(help="Burst size of the rate limit.")] = None,
     max_body_bytes: Annotated[str, typer.Option(help="Largest request body accepted (413 above).")] = "4MiB",
     protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")]
     = False,
@@ -336,23 +336,23 @@ def serve(
                                                   "`priority` (off: a request that sets it gets 400).")] = False,
     enable_docs: Annotated[bool, typer.Option("--enable-docs", help="Serve /docs, /redoc and /openapi.json "
                                               "(off by default: they describe the API to anyone).")] = False,
-    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
-    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain.")] = None,
-    replicas: Annotated[Optional[int], typer.Option(help="Run N replicas on Ray Serve behind one endpoint.")] = None,
-    autoscale: Annotated[Optional[str], typer.Option(help="MIN:MAX replicas on Ray Serve, scaled on ongoing "
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain.")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Run N replicas on Ray Serve behind one endpoint.")] = None,
+    autoscale: Annotated[str | None, typer.Option(help="MIN:MAX replicas on Ray Serve, scaled on ongoing "
                                                      "requests.")] = None,
     target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica.")] = 8.0,
     upscale_delay: Annotated[float, typer.Option(help="Seconds of load before scaling up.")] = 3.0,
     downscale_delay: Annotated[float, typer.Option(help="Seconds of low load before scaling down.")] = 30.0,
     cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs per replica (also its torch threads).")] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(help="Ray GPUs per replica.")] = 0.0,
-    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one; "
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one; "
                                                        "'auto': the one on this node).")] = None,
     router: Annotated[str, typer.Option(help="Replica choice: prefix (prefix affinity + least load) or pow2 "
                                         "(Ray Serve's default).")] = "prefix",
     request_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a request may take before 504 "
                                                    "(or an error event on a stream).")] = 600.0,
-    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
+    grpc_port: Annotated[int | None, typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
                                                      "(same host, keys and limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
                                                     "SIGTERM.")] = 30.0,
@@ -360,8 +360,8 @@ def serve(
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with
     /health, /metrics (Prometheus) and /version."""
-    from lmfleet.serve.app import ServeSettings
     from lmfleet.serve.auth import load_api_keys, open_exposure_warning
+    from lmfleet.serve.frontend import ServeSettings
     from lmfleet.serve.server import check_inputs, parse_size, run_server
 
     if not 0 < port < 65536:
@@ -405,9 +405,9 @@ def serve(
     run_server(model_dir, settings, engine_kwargs, host, port, ssl_key, ssl_cert, shutdown_timeout, log_level)
 
 
-def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: Optional[int],
-                   autoscale: Optional[str], target: float, up: float, down: float, cpus: float, gpus: float,
-                   host: str, port: int, router: str, timeout: float, ray_address: Optional[str],
+def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: int | None,
+                   autoscale: str | None, target: float, up: float, down: float, cpus: float, gpus: float,
+                   host: str, port: int, router: str, timeout: float, ray_address: str | None,
                    shutdown_timeout: float) -> None:
     """Deploy on Ray Serve, then wait for SIGTERM/SIGINT, let in-flight requests finish and take
     everything down."""
@@ -512,8 +512,8 @@ def bench_offline(
 def bench_serve(
     url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server.")] = "http://127.0.0.1:8000",
     num_prompts: Annotated[int, typer.Option(help="Requests to send.")] = 100,
-    concurrency: Annotated[Optional[int], typer.Option(help="Closed loop: requests in flight at most.")] = None,
-    request_rate: Annotated[Optional[float], typer.Option(help="Open loop: Poisson arrivals, requests/s.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Closed loop: requests in flight at most.")] = None,
+    request_rate: Annotated[float | None, typer.Option(help="Open loop: Poisson arrivals, requests/s.")] = None,
     dataset: Annotated[str, typer.Option(help="random, or prefix (shared prefixes, see --prefix-len).")] = "random",
     input_len_range: Annotated[str, typer.Option(help="Prompt tokens (after any prefix), N or A:B.")] = "32:256",
     output_len_range: Annotated[str, typer.Option(help="Output tokens, N or A:B.")] = "32:128",
@@ -521,8 +521,8 @@ def bench_serve(
     num_prefixes: Annotated[int, typer.Option(help="Distinct shared prefixes (--dataset prefix).")] = 4,
     token_id_range: Annotated[str, typer.Option(help="Prompt token ids drawn from [A, B).")] = "100:1000",
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream (TTFT and ITL need it).")] = True,
-    model: Annotated[Optional[str], typer.Option(help="Model id (default: the server's first).")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="API key (default: LMFLEET_API_KEY).",
+    model: Annotated[str | None, typer.Option(help="Model id (default: the server's first).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (default: LMFLEET_API_KEY).",
                                                    envvar="LMFLEET_API_KEY")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic requests.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

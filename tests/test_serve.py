@@ -612,11 +612,11 @@ def _self_signed(directory) -> tuple[str, str]:
 
 
 def test_tls_on_http_and_grpc(model_dir, tmp_path) -> None:
+    import ssl
+
     import grpc
 
     from lmfleet.serve.grpc_server import load_protos
-
-    import ssl
 
     key, cert = _self_signed(tmp_path)
     trust = ssl.create_default_context(cafile=cert)

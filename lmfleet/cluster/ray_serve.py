@@ -31,8 +31,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lmfleet.cluster import router as routing
 from lmfleet.cluster import stats
 from lmfleet.errors import ConfigError
-from lmfleet.serve.app import APIError, ServeSettings, body_too_large, check_access, error_body
-from lmfleet.serve.auth import KeyChecker, RateLimiter
+from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
+from lmfleet.serve.frontend import APIError, ServeSettings, check_access, error_body
+from lmfleet.serve.http_rules import body_too_large, over_limit, read_limited
 
 APP_NAME = "lmfleet"
 METRICS_STORE = "lmfleet-metrics"
@@ -275,16 +276,9 @@ class Ingress:
     async def _read_body(self, request: Request) -> bytes | None:
         """The body, or None when it exceeds max_body_bytes (checked before it is all read)."""
         limit = self.settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if over_limit(request.headers.get("content-length"), limit):
             return None
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_limited(request.stream(), limit)
 
     async def _first(self, request: Request, body: bytes, key: str | None,
                      current: list[Any]) -> tuple[Any, int, list[tuple[str, str]], list[bytes], bool]:
@@ -315,9 +309,9 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
-        if path not in ("/health", "/version") and (path != "/metrics" or self.settings.protect_metrics):
+        if needs_key(path, self.settings.protect_metrics):
             try:
-                check_access(self.checker, self.limiter if path != "/metrics" else None,
+                check_access(self.checker, self.limiter if rate_limited(path) else None,
                              request.headers.get("authorization"))
             except APIError as exc:
                 return _error(exc)

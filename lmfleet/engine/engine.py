@@ -17,7 +17,7 @@ import torch
 from lmfleet.engine.block_manager import BlockManager
 from lmfleet.engine.params import SamplingParams
 from lmfleet.engine.runner import ModelRunner
-from lmfleet.engine.sampler import SampleResult, Sampler
+from lmfleet.engine.sampler import Sampler, SampleResult
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sequence import Sequence
 from lmfleet.engine.step import prepare_step

@@ -97,3 +97,16 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
+
+
+OPEN_PATHS = ("/health", "/version")  # answered without a key: probes and version checks
+
+
+def needs_key(path: str, protect_metrics: bool) -> bool:
+    """Whether a request to `path` must carry a valid API key (when the server has keys)."""
+    return path not in OPEN_PATHS and (path != "/metrics" or protect_metrics)
+
+
+def rate_limited(path: str) -> bool:
+    """Whether a request to `path` counts against its key's request rate (scrapes do not)."""
+    return path != "/metrics"

@@ -49,7 +49,7 @@ def _status_of(http_status: int) -> Any:
 def make_servicer(front: Any) -> Any:
     """A Generation servicer over the HTTP app's Frontend."""
     from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError
-    from lmfleet.serve.app import APIError
+    from lmfleet.serve.frontend import APIError
     from lmfleet.serve.protocol import finish_reason
 
     pb, services = load_protos()
@@ -82,7 +82,7 @@ def make_servicer(front: Any) -> Any:
                 if kind is None:
                     raise APIError(400, "prompt is required: set text or token_ids", param="prompt")
                 prompt = request.text if kind == "text" else list(request.token_ids.ids)
-                (stream,) = front.start(e, [prompt], lambda ids: self._params(request, ids, e))
+                (stream,) = await front.start(e, [prompt], lambda ids: self._params(request, ids, e))
             except APIError as exc:
                 await self._fail(context, exc)
                 return

@@ -13,7 +13,8 @@ from typing import Any
 import uvicorn
 
 from lmfleet.errors import ConfigError
-from lmfleet.serve.app import ServeSettings, begin_draining, build_app
+from lmfleet.serve.app import begin_draining, build_app
+from lmfleet.serve.frontend import ServeSettings
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,

@@ -9,7 +9,10 @@ from lmfleet.train.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise LmfleetError("plotting needs matplotlib: pip install 'lmfleet[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
