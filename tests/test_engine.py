@@ -754,3 +754,20 @@ def test_cli_generate_equals_the_engine_for_a_seed(tmp_path, tokenizer) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == prompt + expected + "\n"
+
+
+def test_max_model_len_is_lowered_to_what_the_kv_cache_holds(model_and_hf, caplog) -> None:
+    """A KV cache that cannot hold one full-context sequence: the default context shrinks to what it
+    holds (said in the log), so a request within the context is never refused for the memory; an
+    explicit max_model_len that does not fit is a start-up error naming both sizes."""
+    model, _ = model_and_hf
+    with caplog.at_level("WARNING", logger="lmfleet.engine.engine"):
+        engine = LLMEngine(model, num_blocks=5, block_size=16)
+    assert engine.max_model_len == 80 and "max_model_len lowered to 80" in caplog.text
+    # The whole (lowered) context, as a default max_tokens would ask: accepted and generated.
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=77, temperature=0, ignore_eos=True))
+    (out,) = run_to_completion(engine).values()
+    assert len(out.outputs[0].token_ids) == 77
+    with pytest.raises(ConfigError, match=r"max_model_len=128 does not fit in the KV cache \(80 tokens"):
+        LLMEngine(model, num_blocks=5, block_size=16, max_model_len=128)
+    assert LLMEngine(model, num_blocks=5, block_size=16, max_model_len=64).max_model_len == 64

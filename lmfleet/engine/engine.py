@@ -147,9 +147,18 @@ class LLMEngine:
         if num_blocks < 1:
             raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory "
                               f"(or gpu_memory_utilization on CUDA), or give num_blocks")
-        if num_blocks * block_size < self.max_model_len:
-            log.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: longer requests are refused",
-                        num_blocks * block_size, self.max_model_len)
+        capacity = num_blocks * block_size
+        if capacity < self.max_model_len:
+            # One full-context sequence must fit, or a request within the context (chat's default
+            # max_tokens is the rest of it) would be refused for the server's memory.
+            if max_model_len is not None:
+                raise ConfigError(f"max_model_len={max_model_len} does not fit in the KV cache ({capacity} tokens "
+                                  f"in {num_blocks} blocks); raise kv_cache_memory (or gpu_memory_utilization) "
+                                  f"or lower max_model_len")
+            log.warning("the KV cache holds %d tokens, fewer than the model's context of %d: max_model_len "
+                        "lowered to %d (raise kv_cache_memory or gpu_memory_utilization for more)",
+                        capacity, self.max_model_len, capacity)
+            self.max_model_len = capacity
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         # CUDA graphs for decode-only steps on CUDA, unless enforce_eager: every shape captured now.
@@ -206,10 +215,6 @@ class LLMEngine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ConfigError(f"max_tokens={params.max_tokens} exceeds the model's context of {self.max_model_len} "
                               f"minus {len(ids)} prompt tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if len(ids) + params.max_tokens > capacity:
-            raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens={params.max_tokens} exceeds the KV cache "
-                              f"({capacity} tokens); raise kv_cache_memory")
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.model.config.vocab_size]
