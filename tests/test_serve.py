@@ -677,3 +677,58 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
     worker.join(timeout=60)
     assert result.get("reason") == "length"  # all 200 tokens arrived
     assert proc.wait(timeout=30) == 0
+
+
+async def _asgi(app, method: str, path: str, body: bytes, gone: asyncio.Event) -> list[dict]:
+    """One request straight through the ASGI app; the client hangs up when `gone` is set."""
+    sent, messages = False, []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    await app(scope, receive, send)
+    return messages
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 200, "ignore_eos": True}),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 200,
+                              "ignore_eos": True}),
+], ids=["completion", "chat"])
+def test_a_non_streaming_request_whose_client_left_stops_generating(model_dir, path, body) -> None:
+    engine = AsyncLLMEngine(LLMEngine(model_dir, kv_cache_memory=4 * 2**20, max_num_seqs=1))
+    step = engine.engine.step
+    engine.engine.step = lambda: (time.sleep(0.01), step())[1]  # 200 tokens take over 2 s
+    app = build_app(engine, ServeSettings(NAME))
+    pool = engine.engine.block_manager
+
+    async def main() -> list[dict]:
+        gone = asyncio.Event()
+        call = asyncio.create_task(_asgi(app, "POST", path, json.dumps(body).encode(), gone))
+        while engine.status()["generation_tokens"] < 5:
+            await asyncio.sleep(0.01)
+        gone.set()  # the client hangs up mid-generation
+        return await asyncio.wait_for(call, 10)
+
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while (engine.num_unfinished or engine.engine.has_unfinished_requests()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_unfinished == 0 and not engine.engine.has_unfinished_requests()
+        assert engine.status()["generation_tokens"] < 100  # aborted, not run to its 200 tokens
+        assert pool.num_free_blocks == pool.num_blocks  # every block back in the pool
+    finally:
+        engine.shutdown()

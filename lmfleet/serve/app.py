@@ -42,6 +42,16 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# What a request whose client left gets, should anything still be listening (nginx's code).
+CLIENT_CLOSED = 499
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -128,7 +138,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 
     start, default_max_tokens = front.start, front.default_max_tokens
 
-    async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+    async def gather(streams: list[RequestStream]) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
         try:
             async for i, out in merge_streams(streams):
@@ -138,6 +148,24 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         except RequestFailedError as exc:
             raise APIError(500, str(exc), "server_error", code="request_failed") from None
         return [last[i] for i in range(len(streams))]
+
+    async def collect(streams: list[RequestStream], request: Request) -> list[RequestOutput] | None:
+        """Every stream's final output; None when the client went away first (its requests are
+        then aborted in the engine, their blocks freed, nothing more generated for nobody)."""
+        work = asyncio.ensure_future(gather(streams))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()  # closes every stream: the engine aborts them
+        await asyncio.gather(work, return_exceptions=True)
+        return None
 
     def observe(out: RequestOutput) -> None:
         metrics.finished(out.metrics, P.finish_reason(out.outputs[0]))
@@ -182,7 +210,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 
     # ---- endpoints -------------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest, key: str = Depends(authorize)) -> Response:
+    async def completions(body: P.CompletionRequest, request: Request, key: str = Depends(authorize)) -> Response:
         e = admit(body)
         try:
             prompts = body.prompts()
@@ -197,7 +225,9 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             return P.completion_logprobs(entries, tok, offset) if body.logprobs is not None else None
 
         if not body.stream:
-            outs = await collect(streams)
+            outs = await collect(streams, request)
+            if outs is None:
+                return Response(status_code=CLIENT_CLOSED)
             for out in outs:
                 observe(out)
             choices = [{"index": i * n + c.index, "text": c.text, "logprobs": logprobs_of(c, c.logprobs or []),
@@ -225,7 +255,8 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         return _SSEResponse(stream_events(streams, n, chunk, finish), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest, key: str = Depends(authorize)) -> Response:
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request,
+                               key: str = Depends(authorize)) -> Response:
         e = admit(body)
         tok = e.engine.tokenizer
         if tok is None:
@@ -241,7 +272,10 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         logprobs_on = body.num_logprobs is not None
 
         if not body.stream:
-            (out,) = await collect(streams)
+            outs = await collect(streams, request)
+            if outs is None:
+                return Response(status_code=CLIENT_CLOSED)
+            (out,) = outs
             observe(out)
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": P.chat_logprobs(c.logprobs or [], tok) if logprobs_on else None,
