@@ -732,3 +732,38 @@ def test_a_non_streaming_request_whose_client_left_stops_generating(model_dir, p
         assert pool.num_free_blocks == pool.num_blocks  # every block back in the pool
     finally:
         engine.shutdown()
+
+
+def test_serve_exits_non_zero_when_its_engine_dies(model_dir, tmp_path) -> None:
+    """A dead engine loop fails what is in flight and the process exits 1 within seconds (so its
+    supervisor restarts it) instead of answering 503 forever. The fault is injected by a test hook
+    read once at start-up."""
+    port = free_port()
+    installed = Path(sys.executable).with_name("lmfleet")
+    env = {**os.environ, "LMFLEET_TEST_ENGINE_FAULT_AFTER_STEPS": "3"}
+    proc = subprocess.Popen([str(installed), "serve", str(model_dir), "--port", str(port), "--kv-cache-memory",
+                             "4MiB", "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 20, "ignore_eos": True},
+                            timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_dead"
+        started = time.monotonic()
+        assert proc.wait(timeout=20) == 1
+        assert time.monotonic() - started < 15
+        output = proc.stdout.read()
+        assert "error: the engine died" in output and "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -12,7 +12,7 @@ import collections
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from lmfleet.engine.engine import LLMEngine, Prompt, RequestOutput
@@ -73,6 +73,9 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
         self._stopped = False
         self.error: BaseException | None = None
+        # Called on the loop's thread once the loop died and every open stream was told (a
+        # server uses it to exit, so that its supervisor restarts it).
+        self.on_death: Callable[[BaseException], None] | None = None
         self.last_step_time = time.monotonic()  # when the loop last finished a step or idled
         self._thread = threading.Thread(target=self._loop, name="lmfleet-engine", daemon=True)
         self._thread.start()
@@ -122,6 +125,8 @@ class AsyncLLMEngine:
                 self.error = exc
                 for request_id in list(self._streams):
                     self._deliver(request_id, EngineDeadError(f"engine step failed: {exc!r}"))
+                if self.on_death is not None:
+                    self.on_death(exc)
                 return
             for out in outputs:
                 self._deliver(out.request_id, out)

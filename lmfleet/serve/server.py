@@ -2,17 +2,22 @@
 
 SIGTERM or SIGINT: new requests get 503 and the listening socket closes, in-flight requests run
 to completion for up to `shutdown_timeout` seconds, then the engine stops and the process exits 0.
+If the engine loop dies, every in-flight request gets its error, the server stops and the process
+exits 1, so that its supervisor (systemd, Kubernetes, Ray) starts a fresh one.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from lmfleet.errors import ConfigError
+from lmfleet.errors import ConfigError, LmfleetError
 from lmfleet.serve.app import begin_draining, build_app
 from lmfleet.serve.frontend import ServeSettings
 
@@ -42,10 +47,42 @@ def check_inputs(model_dir: str | Path, ssl_keyfile: str | None, ssl_certfile: s
             raise ConfigError(f"TLS file {path}: no such file")
 
 
+# Test hook, read once at start-up: the engine loop raises after this many steps.
+FAULT_AFTER_STEPS_ENV = "LMFLEET_TEST_ENGINE_FAULT_AFTER_STEPS"
+# How long in-flight requests get to receive the engine's failure before a dead engine's server exits.
+DEATH_GRACE_S = 1.0
+
+
+class EngineDied(LmfleetError):
+    """The engine loop died: the server failed what was in flight and stopped (exit status 1)."""
+
+
+def _inject_fault(engine: Any, after_steps: int) -> None:
+    step, count = engine.step, 0
+
+    def failing_step() -> Any:
+        nonlocal count
+        count += 1
+        if count > after_steps:
+            raise RuntimeError(f"injected engine fault after {after_steps} steps ({FAULT_AFTER_STEPS_ENV})")
+        return step()
+
+    engine.step = failing_step
+
+
 class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Any):
         super().__init__(config)
         self._app = app
+        self.engine_error: BaseException | None = None
+
+    def engine_died(self, exc: BaseException) -> None:
+        """From the engine's thread: in-flight requests were failed; stop serving shortly, so the
+        process exits non-zero and systemd, Kubernetes or Ray start a fresh one."""
+        self.engine_error = exc
+        print(f"error: the engine died ({exc!r}); the server stops", file=sys.stderr, flush=True)
+        begin_draining(self._app)
+        threading.Timer(DEATH_GRACE_S, lambda: setattr(self, "should_exit", True)).start()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         begin_draining(self._app)
@@ -63,11 +100,21 @@ def run_server(model_dir: str | Path, settings: ServeSettings, engine_kwargs: di
     from lmfleet.engine import AsyncLLMEngine, LLMEngine
 
     check_inputs(model_dir, ssl_keyfile, ssl_certfile)
+    fault = os.environ.get(FAULT_AFTER_STEPS_ENV)
+    server: _DrainingServer | None = None
 
     def factory() -> AsyncLLMEngine:
-        return AsyncLLMEngine(LLMEngine(model_dir, **engine_kwargs))
+        engine = LLMEngine(model_dir, **engine_kwargs)
+        if fault is not None:
+            _inject_fault(engine, int(fault))
+        async_engine = AsyncLLMEngine(engine)
+        async_engine.on_death = server.engine_died if server is not None else None
+        return async_engine
 
     app = build_app(factory, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, access_log=False)
-    _DrainingServer(config, app).run()
+    server = _DrainingServer(config, app)
+    server.run()
+    if server.engine_error is not None:
+        raise EngineDied(f"the engine died: {server.engine_error!r}")
