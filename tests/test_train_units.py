@@ -1,4 +1,5 @@
-"""Training pieces that need no processes: config validation, LR schedule, TokenLoader sharding."""
+"""Training pieces that need no processes: config validation, LR schedule, TokenLoader sharding,
+checkpoint completeness and crash safety."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from lmfleet.data.corpus import Corpus, prepare_corpus
 from lmfleet.data.loader import TokenLoader
@@ -90,3 +92,103 @@ def test_loader_state_round_trip_and_mismatch(corpus: Corpus) -> None:
         TokenLoader(corpus, seq_len=16, micro_batch=4, seed=0).load_state_dict(loader.state_dict())
     with pytest.raises(DataError, match="fewer than seq_len"):
         TokenLoader(corpus, seq_len=100_000, micro_batch=1)
+
+
+# ---- checkpoints (one process, no torch.distributed) ------------------------------------------
+
+def _save(run, step: int, value: float) -> None:
+    from lmfleet.train.checkpointing import save_checkpoint
+
+    save_checkpoint(run, step, rank=0, sharded=None, local={"x": torch.tensor([value])},
+                    meta={"world_size": 1}, keep_last=5)
+
+
+def _resumable(run) -> tuple[int, float]:
+    """What a new attempt resumes from, after its start-up clean-up: (step, saved value)."""
+    from lmfleet.train.checkpointing import load_checkpoint, read_meta, remove_stale, select_checkpoint
+
+    remove_stale(run)
+    path = select_checkpoint(run, verify_hashes=True).path
+    assert path is not None
+    return read_meta(path)["step"], load_checkpoint(path, 0, None)["x"].item()
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt:
+    """Wraps the durable file operations; the `at`-th call raises instead of running."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def wrap(self, real):
+        def op(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.at:
+                raise _Crash(real.__name__)
+            return real(*args, **kwargs)
+        return op
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["new-step", "same-step"])
+def test_a_crash_anywhere_in_a_save_leaves_a_complete_checkpoint(tmp_path, monkeypatch, replace) -> None:
+    """Kill the save at each of its durable operations in turn (fsync, rename, delete): the next
+    attempt always finds a complete checkpoint, the old one or the new one, never less."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from lmfleet.train import checkpointing
+
+    crash_at, outcomes = 1, []
+    while True:
+        run = tmp_path / f"run{crash_at}"
+        _save(run, 1, 1.0)
+        _save(run, 2, 2.0)
+        crash = _CrashAt(crash_at)
+        monkeypatch.setattr(checkpointing.os, "fsync", crash.wrap(os.fsync))
+        monkeypatch.setattr(Path, "rename", crash.wrap(Path.rename))
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", crash.wrap(shutil.rmtree))
+        if replace:  # the save a resumed run makes over an incomplete step_2 it skipped
+            (run / "checkpoints" / "step_2" / "manifest.json").unlink()
+        try:
+            _save(run, 2 if replace else 3, 9.0)
+            crashed = False
+        except _Crash:
+            crashed = True
+        monkeypatch.undo()
+        outcomes.append(_resumable(run))
+        if not crashed:
+            break
+        crash_at += 1
+    new = (2, 9.0) if replace else (3, 9.0)
+    old = (1, 1.0) if replace else (2, 2.0)
+    assert crash_at > 5  # the save went through many fsyncs and renames, each a crash point
+    assert outcomes[-1] == new
+    assert set(outcomes) == {old, new}
+
+
+def test_incomplete_checkpoints_are_skipped_with_the_reason(tmp_path) -> None:
+    from lmfleet.errors import LmfleetError
+    from lmfleet.train.checkpointing import load_checkpoint, select_checkpoint
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        _save(run, step, float(step))
+    root = run / "checkpoints"
+    (root / "step_4" / "manifest.json").unlink()
+    (root / "step_3" / "rank_0.pt").unlink()
+    data = (root / "step_2" / "rank_0.pt").read_bytes()
+    (root / "step_2" / "rank_0.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off
+    by_size = select_checkpoint(run)
+    assert by_size.path == root / "step_2"
+    assert [(p.name, why) for p, why in by_size.skipped] == [
+        ("step_4", "no manifest.json (its save did not finish)"), ("step_3", "rank_0.pt is missing")]
+    hashed = select_checkpoint(run, verify_hashes=True)
+    assert hashed.path == root / "step_1"
+    assert hashed.skipped[-1] == (root / "step_2", "rank_0.pt does not match its SHA-256 in the manifest")
+    assert "resuming from" in hashed.describe() and "skipped step_3: rank_0.pt is missing" in hashed.describe()
+    with pytest.raises(LmfleetError, match="step_3 is incomplete: rank_0.pt is missing"):
+        load_checkpoint(root / "step_3", 0, None)

@@ -1,21 +1,29 @@
-"""Stateful training checkpoints: atomic, complete or absent, last K kept.
+"""Stateful training checkpoints: complete or ignored, never half-replaced, last K kept.
 
 `RUN/checkpoints/step_<N>/` holds
-  meta.json        step, world size, strategy, model config, batch shape (written last, by rank 0)
   sharded/         torch.distributed.checkpoint of model + optimizer (ddp, fsdp)
   rank_<r>.pt      per-rank state: loader, RNG, and strategy state such as DiLoCo's (tensors and
                    plain containers only; read back with torch.load(weights_only=True))
+  meta.json        step, world size, strategy, model config, batch shape, corpus identity
+  manifest.json    every other file's size and SHA-256, written last: the completeness marker
 
-Every rank writes into `.step_<N>.tmp/`; after a barrier rank 0 writes meta.json and renames the
-directory into place, so a crash mid-save leaves the previous checkpoint untouched and the
-half-written one invisible.
+A save goes to `.step_<N>.tmp/`: every rank writes and fsyncs its files, the ranks fsync and hash
+the files between them, then rank 0 writes meta.json and manifest.json, fsyncs the directory and
+renames it to `step_<N>`. A directory already called `step_<N>` (an incomplete one a resumed run is
+overwriting) is first moved aside to `.step_<N>.old` and deleted only after the rename, so at every
+instant the checkpoints a run can resume from are on disk in full. When the next attempt starts,
+a complete `.step_<N>.tmp` left between those two renames is put in place and any other
+temporary is deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +33,90 @@ import torch.distributed as dist
 from lmfleet.errors import LmfleetError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+STALE_DIR = re.compile(r"^\.step_(\d+)\.(tmp|old)$")
 META = "meta.json"
+MANIFEST = "manifest.json"
+FORMAT = "lmfleet-checkpoint/1"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_<N>` directory, complete or not, oldest first."""
     root = checkpoint_root(run_dir)
     found = []
     if root.is_dir():
         for path in root.iterdir():
             match = STEP_DIR.match(path.name)
-            if match and (path / META).is_file():
+            if match and path.is_dir():
                 found.append((int(match.group(1)), path))
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def problem(path: str | Path, verify_hashes: bool = False) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (None: it is complete). Sizes are always
+    checked against the manifest; SHA-256s too with `verify_hashes`."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (its save did not finish)"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    for name, entry in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} holds {size} bytes, the manifest says {entry['bytes']}"
+        if verify_hashes and _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint (sizes checked), oldest first."""
+    return [(step, path) for step, path in step_dirs(run_dir) if problem(path) is None]
+
+
+@dataclass
+class Selection:
+    """The checkpoint a resume starts from and the newer ones it passed over, with the reason."""
+
+    path: Path | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        picked = f"resuming from {self.path}" if self.path else "no complete checkpoint to resume from"
+        passed = "; ".join(f"skipped {p.name}: {why}" for p, why in self.skipped)
+        return picked + (f" ({passed})" if passed else "")
+
+
+def select_checkpoint(run_dir: str | Path, verify_hashes: bool = False) -> Selection:
+    """The newest complete checkpoint, and every newer incomplete one skipped on the way."""
+    skipped = []
+    for _, path in reversed(step_dirs(run_dir)):
+        why = problem(path, verify_hashes)
+        if why is None:
+            return Selection(path, skipped)
+        skipped.append((path, why))
+    return Selection(None, skipped)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1][1] if found else None
+    return select_checkpoint(run_dir).path
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -56,9 +126,62 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise LmfleetError(f"checkpoint {path} has an unreadable {META}: {exc}") from None
 
 
+def remove_stale(run_dir: str | Path) -> list[Path]:
+    """Clear up after saves that crashed: a complete `.step_<N>.tmp` whose rename did not happen
+    becomes `step_<N>`; other temporaries (`.step_<N>.tmp`, `.step_<N>.old`) are deleted. Returns
+    what was deleted. Only call it while no save runs (at the start of an attempt, on one rank)."""
+    root = checkpoint_root(run_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.iterdir()):
+        match = STALE_DIR.match(path.name)
+        if match is None:
+            continue
+        final = root / f"step_{match.group(1)}"
+        if match.group(2) == "tmp" and not final.exists() and problem(path) is None:
+            path.rename(final)  # the crash came between moving the old one aside and this rename
+            _fsync_dir(root)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_and_hash(tmp: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """fsync and hash every file in `tmp`, the ranks taking turns; every rank gets all entries."""
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    mine = {}
+    for name in names[rank::world_size]:
+        file = tmp / name
+        with file.open("rb") as f:
+            os.fsync(f.fileno())
+        mine[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    if world_size == 1:
+        return mine
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return {name: entry for part in gathered for name, entry in part.items()}
 
 
 def save_checkpoint(run_dir: str | Path, step: int, rank: int, sharded: dict[str, Any] | None,
@@ -66,6 +189,7 @@ def save_checkpoint(run_dir: str | Path, step: int, rank: int, sharded: dict[str
     """Collective: every rank calls it with its own `local` state."""
     import torch.distributed.checkpoint as dcp
 
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
@@ -75,17 +199,39 @@ def save_checkpoint(run_dir: str | Path, step: int, rank: int, sharded: dict[str
     _barrier()
     if sharded is not None:
         dcp.save(sharded, checkpoint_id=str(tmp / "sharded"))
-    torch.save(local, tmp / f"rank_{rank}.pt")
+    with (tmp / f"rank_{rank}.pt").open("wb") as f:
+        torch.save(local, f)
+        f.flush()
+        os.fsync(f.fileno())
     _barrier()
+    files = _sync_and_hash(tmp, rank, world_size)
     if rank == 0:
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+        meta_bytes = (json.dumps({**meta, "step": step}, indent=2) + "\n").encode()
+        _write_durably(tmp / META, meta_bytes)
+        files[META] = {"bytes": len(meta_bytes), "sha256": hashlib.sha256(meta_bytes).hexdigest()}
+        manifest = {"format": FORMAT, "step": step, "files": dict(sorted(files.items()))}
+        _write_durably(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _fsync_dir(tmp / "sharded")
+        _fsync_dir(tmp)
+        old = root / f".step_{step}.old"
+        if final.exists():  # an incomplete step_<N> from an earlier attempt: aside, not deleted, until replaced
             shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        _prune(run_dir, step, keep_last)
     _barrier()
     return final
+
+
+def _prune(run_dir: str | Path, newest: int, keep_last: int) -> None:
+    """Keep the last `keep_last` complete checkpoints; drop incomplete ones older than `newest`."""
+    complete = complete_checkpoints(run_dir)
+    keep = {path for _, path in complete[-keep_last:]}
+    for step, path in step_dirs(run_dir):
+        if path not in keep and step < newest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None) -> dict[str, Any]:
@@ -93,12 +239,15 @@ def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None)
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    if sharded is not None:
-        dcp.load(sharded, checkpoint_id=str(path / "sharded"))
+    why = problem(path)
+    if why is not None:
+        raise LmfleetError(f"checkpoint {path} is incomplete: {why}")
     local_path = path / f"rank_{rank}.pt"
     if not local_path.is_file():
-        raise LmfleetError(f"checkpoint {path} has no state for rank {rank}; it was written by a different "
-                           "number of processes")
+        raise LmfleetError(f"checkpoint {path} has no rank_{rank}.pt: it was written by "
+                           f"{read_meta(path).get('world_size')} processes")
+    if sharded is not None:
+        dcp.load(sharded, checkpoint_id=str(path / "sharded"))
     return torch.load(local_path, weights_only=True, map_location="cpu")
 
 
@@ -122,3 +271,17 @@ def check_resumable(path: str | Path, world_size: int, strategy: str, model_conf
     if problems:
         raise LmfleetError(f"cannot resume from {path}: " + "; ".join(problems))
     return meta
+
+
+def check_same_corpus(path: str | Path, meta: dict[str, Any], corpus: dict[str, str]) -> None:
+    """Refuse to resume on a corpus other than the one the checkpoint was trained on."""
+    saved = meta.get("corpus")
+    if saved is None:
+        raise LmfleetError(f"cannot resume from {path}: it records no corpus identity, so --data "
+                           f"{corpus['path']} cannot be checked against it; pass --allow-new-data to "
+                           "continue on it anyway")
+    if saved.get("sha256") != corpus["sha256"]:
+        raise LmfleetError(f"cannot resume from {path}: it was trained on corpus {saved.get('path')} "
+                           f"(sha256 {str(saved.get('sha256'))[:12]}), and --data {corpus['path']} is another "
+                           f"corpus (sha256 {corpus['sha256'][:12]}); pass --allow-new-data to continue "
+                           "on the new data")
