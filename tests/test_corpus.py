@@ -1,24 +1,58 @@
-"""Corpus preparation: shards hold exactly the directly-encoded text, deterministically."""
+"""Corpus preparation: shards hold exactly the directly-encoded text, deterministically. The
+expected tokens come from the source files read here and encoded by the `tokenizers` library
+from the corpus's saved tokenizer.json, not through lmfleet's reading or tokenizer code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
-from lmfleet.data.corpus import Corpus, prepare_corpus, read_documents, resolve_sources, split_of
+from lmfleet.data.corpus import Corpus, prepare_corpus
 from lmfleet.errors import DataError
-from lmfleet.model.tokenizer import load_tokenizer
 
 from .helpers import run_cli
 
+# The stdlib source: its .py files outside these directories (docs/data.md).
+STDLIB_LEFT_OUT = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 
-def _expected_streams(sources: list[str], corpus: Corpus, val_fraction: float) -> dict[str, list[int]]:
-    tok = load_tokenizer(corpus.path)
+
+def _text_files(root: Path) -> list[tuple[str, Path]]:
+    """(name relative to the source, path) of every non-hidden file, in name order."""
+    files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
+    return sorted((name, p) for name, p in files if not any(part.startswith(".") for part in name.split("/")))
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*.py")]
+    return sorted((name, p) for name, p in files if not STDLIB_LEFT_OUT.intersection(name.split("/")[:-1]))
+
+
+def _in_val(name: str, val_fraction: float) -> bool:
+    """The documented split: SHA-256 of the name, first 8 bytes as a fraction of 2**64."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 < val_fraction
+
+
+def _expected_streams(files: list[tuple[str, Path]], corpus_dir: Path, val_fraction: float) -> dict[str, list[int]]:
+    hf = HFTokenizer.from_file(str(corpus_dir / "tokenizer.json"))
+    eos = hf.token_to_id(json.loads((corpus_dir / "tokenizer_config.json").read_text())["eos_token"])
+    assert eos is not None
     streams: dict[str, list[int]] = {"train": [], "val": []}
-    for doc in read_documents(resolve_sources(sources)):
-        streams[split_of(doc, val_fraction)] += tok.encode(doc.text, add_special_tokens=False) + [tok.eos_id]
+    for name, path in files:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if "\x00" in text or not text.strip():
+            continue
+        split = "val" if _in_val(name, val_fraction) else "train"
+        streams[split] += hf.encode(text, add_special_tokens=False).ids + [eos]
     return streams
 
 
@@ -26,11 +60,11 @@ def test_shards_equal_direct_encoding(text_dir, tmp_path) -> None:
     manifest = prepare_corpus([str(text_dir)], tmp_path / "c", vocab_size=500, val_fraction=0.3)
     corpus = Corpus(tmp_path / "c")
     assert corpus.dtype == np.uint16 and manifest["dtype"] == "uint16"
-    expected = _expected_streams([str(text_dir)], corpus, 0.3)
+    expected = _expected_streams(_text_files(text_dir), tmp_path / "c", 0.3)
+    assert expected["val"] and expected["train"]  # documents hashed into both splits
     for split in ("train", "val"):
         assert corpus.tokens(split).tolist() == expected[split]
         assert manifest["splits"][split]["tokens"] == len(expected[split])
-    assert manifest["splits"]["val"]["tokens"] > 0
     corpus.verify()
 
 
@@ -40,6 +74,10 @@ def test_deterministic_and_sharded(text_dir, tmp_path) -> None:
     assert a["splits"] == b["splits"]  # same shard files, token counts and SHA-256s
     assert len(a["splits"]["train"]["shards"]) > 1
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    # What a training checkpoint records of its corpus: the same for both, another for other text.
+    assert Corpus(tmp_path / "a").identity()["sha256"] == Corpus(tmp_path / "b").identity()["sha256"]
+    prepare_corpus([str(text_dir / "en.txt")], tmp_path / "other", tokenizer=tmp_path / "a")
+    assert Corpus(tmp_path / "other").identity()["sha256"] != Corpus(tmp_path / "a").identity()["sha256"]
 
 
 def test_single_file_still_gets_validation_tokens(text_dir, tmp_path) -> None:
@@ -47,9 +85,8 @@ def test_single_file_still_gets_validation_tokens(text_dir, tmp_path) -> None:
     train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
     assert val == int((train + val) * 0.1)
     corpus = Corpus(tmp_path / "c")
-    tok = corpus.tokenizer()
-    whole = tok.encode((text_dir / "en.txt").read_text(), add_special_tokens=False) + [tok.eos_id]
-    assert np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).tolist() == whole
+    expected = _expected_streams([("en.txt", text_dir / "en.txt")], tmp_path / "c", 0.0)
+    assert np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).tolist() == expected["train"]
 
 
 def test_reuse_tokenizer_and_skip_binary(text_dir, tmp_path) -> None:
@@ -61,6 +98,9 @@ def test_reuse_tokenizer_and_skip_binary(text_dir, tmp_path) -> None:
     second = prepare_corpus([str(extra)], tmp_path / "c2", tokenizer=tmp_path / "c1")
     assert second["files_skipped"] == 1 and second["files_read"] == 1
     assert second["vocab_size"] == first["vocab_size"]
+    # Encoded with the first corpus's tokenizer, as the tokenizers library reads it from there.
+    tokens = np.concatenate([Corpus(tmp_path / "c2").tokens(s) for s in ("train", "val")]).tolist()
+    assert tokens == _expected_streams([("note.txt", extra / "note.txt")], tmp_path / "c1", 0.0)["train"]
 
 
 def test_bad_sources(tmp_path) -> None:
@@ -81,7 +121,9 @@ def test_stdlib_corpus_via_cli(tmp_path) -> None:
     corpus = Corpus(tmp_path / "c")
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["sources"][0]["source"] == "stdlib" and manifest["files_read"] > 100
-    expected = _expected_streams(["stdlib"], corpus, manifest["val_fraction"])
+    files = _stdlib_files()
+    assert manifest["sources"][0]["files"] == len(files)
+    expected = _expected_streams(files, tmp_path / "c", manifest["val_fraction"])
     for split in ("train", "val"):
         assert corpus.tokens(split).tolist() == expected[split]
 

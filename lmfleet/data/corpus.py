@@ -315,6 +315,16 @@ class Corpus:
         maps = self.shards(split)
         return np.concatenate(maps) if maps else np.zeros(0, dtype=self.dtype)
 
+    def identity(self) -> dict[str, str]:
+        """The corpus's path and a SHA-256 over its tokenizer file and every shard's recorded
+        checksum: equal for two preparations of the same text, different for any other data."""
+        h = hashlib.sha256()
+        h.update(_sha256(self.path / self.manifest.get("tokenizer", "tokenizer.json")).encode())
+        for split in sorted(self.splits):
+            for shard in self.splits[split]["shards"]:
+                h.update(f"{split}/{shard['file']}:{shard['tokens']}:{shard['sha256']}\n".encode())
+        return {"path": str(self.path.resolve()), "sha256": h.hexdigest()}
+
     def verify(self) -> None:
         """Check every shard against the SHA-256 in the manifest."""
         for split in self.splits.values():
