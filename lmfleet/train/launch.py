@@ -3,11 +3,17 @@
 Multi-process and multi-node runs use `torch.distributed.run` (torchrun) from Python: its
 rendezvous joins the nodes, and with `--max-restarts K` its agent restarts the whole worker group
 when a worker dies; restarted workers resume from the run's latest complete checkpoint.
+
+SIGTERM to this process reaches the workers through torchrun's agent, which passes it on to every
+worker and waits up to SIGTERM_GRACE_S for them; the workers finish their step, checkpoint it and
+exit, and this process then reports the stop and exits 0.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
 
 RUN_CONFIG = "train_config.json"
+SIGTERM_GRACE_S = 120  # how long torchrun's agent waits for workers to checkpoint after SIGTERM
 
 
 @dataclass
@@ -31,6 +38,8 @@ class LaunchSpec:
     rdzv_endpoint: str | None = None
     max_restarts: int = 0
     resume: bool = False
+    allow_new_data: bool = False  # resume on a corpus other than the checkpoint's
+    checkpoint_on_sigterm: bool = True
 
     @property
     def world_size(self) -> int:
@@ -43,8 +52,9 @@ def max_local_processes() -> tuple[int, str]:
     return os.cpu_count() or 1, "CPU cores"
 
 
-def prepare_run(config: TrainConfig, spec: LaunchSpec) -> Path:
-    """Every check that can fail, before any worker starts; writes the run's resolved config."""
+def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | None]:
+    """Every check that can fail, before any worker starts; writes the run's resolved config.
+    Returns the run directory and, with --resume, the checkpoint to resume from."""
     from lmfleet.train.trainer import build_model_config
 
     if spec.nproc < 1 or spec.nnodes < 1:
@@ -61,23 +71,32 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> Path:
     corpus = Corpus(config.data.dir)
     model_config = build_model_config(config, corpus)
     run_dir = Path(config.train.out_dir)
-    latest = ckpt.latest_checkpoint(run_dir)
     if spec.resume:
-        if latest is None:
-            raise LmfleetError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        ckpt.check_resumable(latest, spec.world_size, config.train.strategy, model_config.to_dict(),
-                             config.data.seq_len, config.global_batch(spec.world_size))
-    elif latest is not None:
-        raise LmfleetError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
-                           "continue that run or --out to start a new one")
+        selection = ckpt.select_checkpoint(run_dir, verify_hashes=True)
+        if selection.path is None:
+            raise LmfleetError(f"--resume: {run_dir} has no complete checkpoint to resume from"
+                               + "".join(f"; skipped {p.name}: {why}" for p, why in selection.skipped))
+        meta = ckpt.check_resumable(selection.path, spec.world_size, config.train.strategy,
+                                    model_config.to_dict(), config.data.seq_len, config.global_batch(spec.world_size))
+        if not spec.allow_new_data:
+            ckpt.check_same_corpus(selection.path, meta, corpus.identity())
+        print(selection.describe(), file=sys.stderr, flush=True)
+    else:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None:
+            raise LmfleetError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
+                               "continue that run or --out to start a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)
-    return run_dir
+    return run_dir, selection.path if spec.resume else None
 
 
-def torchrun_args(run_dir: Path, spec: LaunchSpec) -> list[str]:
+def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = None,
+                  shutdown_timeout: bool = True) -> list[str]:
     args = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
             "--max-restarts", str(spec.max_restarts)]
+    if shutdown_timeout:  # torch >= 2.7; older agents wait their default 30 s
+        args += ["--shutdown-timeout", str(SIGTERM_GRACE_S)]
     if spec.rdzv_endpoint:
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
                  "--rdzv-id", os.environ.get("LMFLEET_RDZV_ID", run_dir.resolve().name or uuid.uuid4().hex)]
@@ -86,28 +105,67 @@ def torchrun_args(run_dir: Path, spec: LaunchSpec) -> list[str]:
     else:
         args += ["--standalone"]
     args += ["--module", "lmfleet.train.worker", str(run_dir)]
-    if spec.resume:
-        args.append("--resume")
+    if resume_from is not None:
+        args += ["--resume-from", str(resume_from)]
+    if not spec.checkpoint_on_sigterm:
+        args.append("--no-checkpoint-on-sigterm")
     return args
 
 
 def launch(config: TrainConfig, spec: LaunchSpec) -> dict[str, Any]:
-    """Run a validated training job; returns the final summary (in-process runs)."""
-    run_dir = prepare_run(config, spec)
+    """Run a validated training job; returns its summary: the final model, or where SIGTERM
+    stopped it (`stopped_at`, `checkpoint`)."""
+    run_dir, resume_from = prepare_run(config, spec)
+    start_step = ckpt.read_meta(resume_from)["step"] if resume_from else 0
     if spec.world_size == 1 and spec.max_restarts == 0:
         from lmfleet.train.trainer import run_training
 
-        return run_training(config, run_dir, resume=spec.resume)
+        return {"run_dir": str(run_dir), **run_training(config, run_dir, resume_from=resume_from,
+                                                        checkpoint_on_sigterm=spec.checkpoint_on_sigterm)}
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    parser = get_args_parser()
+    has_timeout = any("--shutdown-timeout" in action.option_strings for action in parser._actions)
     try:
-        run(get_args_parser().parse_args(torchrun_args(run_dir, spec)))
+        run(parser.parse_args(torchrun_args(run_dir, spec, resume_from, shutdown_timeout=has_timeout)))
     except ChildFailedError as exc:
         failures = "; ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in exc.failures.items())
         raise LmfleetError(f"training workers failed ({failures}); logs above, checkpoints in "
                            f"{ckpt.checkpoint_root(run_dir)}") from None
-    return run_summary(run_dir)
+    except SignalException as exc:
+        return after_signal(run_dir, exc.sigval, start_step, config, spec)
+    # Another node's SIGTERM stops every node's workers at the same step.
+    return stop_summary(run_dir, start_step) or run_summary(run_dir)
+
+
+def stop_summary(run_dir: Path, start_step: int) -> dict[str, Any] | None:
+    """The summary of a run that SIGTERM stopped after `start_step`, or None."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(latest)
+    if meta.get("stopped_by") and meta["step"] > start_step:
+        return {"run_dir": str(run_dir), "final_dir": None, "stopped_at": meta["step"], "checkpoint": str(latest)}
+    return None
+
+
+def after_signal(run_dir: Path, sig: signal.Signals, start_step: int, config: TrainConfig,
+                 spec: LaunchSpec) -> dict[str, Any]:
+    """torchrun's agent passed a signal to the workers and waited for them: what they left."""
+    if sig == signal.SIGINT:
+        raise KeyboardInterrupt
+    latest = ckpt.latest_checkpoint(run_dir)
+    saved = f"the latest complete checkpoint is {latest}" if latest else "there is no complete checkpoint"
+    if sig != signal.SIGTERM or not spec.checkpoint_on_sigterm:
+        raise LmfleetError(f"stopped by {sig.name} without a checkpoint on the way out; {saved}")
+    stopped = stop_summary(run_dir, start_step)
+    if stopped is not None:
+        return stopped
+    if latest is not None and ckpt.read_meta(latest)["step"] == config.train.steps > start_step:
+        return run_summary(run_dir)  # it had finished when the signal came
+    raise LmfleetError(f"stopped by SIGTERM before the workers could checkpoint; {saved}")
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """How gradients (or parameters) are synchronised across ranks. Each strategy wraps an unmodified
-model from outside and reports the bytes it puts on the wire (the payload of its collectives).
+model from outside and counts the bytes it puts on the wire: the payload of every collective it
+issues, measured at the call (DDP through a gradient communication hook, DiLoCo around its
+all-reduce). FSDP2 issues its collectives internally; its bytes are computed from the parameter size.
 
 - ddp:    DistributedDataParallel; one gradient all-reduce per optimizer step (no_sync on the
           micro-steps before the last).
@@ -33,6 +35,31 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _unique_params(model))
 
 
+class CommCounter:
+    """Payload bytes and number of the collectives a strategy issued since the last `take()`."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+    def take(self) -> tuple[int, int]:
+        taken = (self.bytes, self.calls)
+        self.bytes = self.calls = 0
+        return taken
+
+
+def _counted_allreduce(counter: CommCounter, bucket):  # noqa: ANN001 (DDP checks unevaluated annotations)
+    """DDP's own all-reduce of one gradient bucket (divide by the world size, sum), counted."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter.add(bucket.buffer())
+    return allreduce_hook(None, bucket)
+
+
 def _total_norm(norm: torch.Tensor) -> torch.Tensor:
     """A plain tensor (FSDP returns a DTensor); left on the device so reading it is the caller's sync."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -49,6 +76,7 @@ class Strategy:
         self.info = info
         self.config = config
         self.param_bytes = _param_bytes(model)
+        self.comm = CommCounter()
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward/backward (gradient sync only on the last)."""
@@ -59,17 +87,15 @@ class Strategy:
         limit = max_norm if max_norm > 0 else float("inf")
         return _total_norm(torch.nn.utils.clip_grad_norm_(_unique_params(self.model), limit))
 
-    def step_comm_bytes(self, grad_accum: int) -> int:
-        """Payload bytes of the gradient synchronisation of one optimizer step."""
-        return 0
+    def count_step_comm(self, grad_accum: int) -> None:
+        """Add to `self.comm` what one optimizer step's gradient synchronisation sent, when the
+        strategy cannot count its collectives as they run."""
 
-    def after_optimizer_step(self, step: int) -> int:
-        """Called after each optimizer step (0-based `step`); returns extra bytes communicated."""
-        return 0
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (0-based `step`)."""
 
-    def finish(self, step: int) -> int:
-        """Bring replicas into agreement before export; returns bytes communicated."""
-        return 0
+    def finish(self, step: int) -> None:
+        """Bring replicas into agreement before export."""
 
     # ---- state -------------------------------------------------------------------------------
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -109,14 +135,12 @@ class DDPStrategy(Strategy):
         if info.world_size > 1:
             self.model = DistributedDataParallel(
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            self.model.register_comm_hook(self.comm, _counted_allreduce)
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         if is_last or self.info.world_size == 1:
             return contextlib.nullcontext()
         return self.model.no_sync()
-
-    def step_comm_bytes(self, grad_accum: int) -> int:
-        return self.param_bytes if self.info.world_size > 1 else 0
 
 
 class FSDPStrategy(Strategy):
@@ -139,12 +163,12 @@ class FSDPStrategy(Strategy):
         self.model.set_requires_gradient_sync(is_last)
         return contextlib.nullcontext()
 
-    def step_comm_bytes(self, grad_accum: int) -> int:
+    def count_step_comm(self, grad_accum: int) -> None:
         if self.info.world_size == 1:
-            return 0
+            return
         # Each micro-step all-gathers parameters for forward and again for backward; the last
-        # one reduce-scatters gradients.
-        return self.param_bytes * (2 * grad_accum + 1)
+        # one reduce-scatters gradients. Computed, not counted: `calls` stays 0.
+        self.comm.bytes += self.param_bytes * (2 * grad_accum + 1)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -166,13 +190,14 @@ class DilocoStrategy(Strategy):
         self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.last_sync_step = -1
 
-    def outer_step(self) -> int:
+    def outer_step(self) -> None:
         """All-reduce the mean parameter delta and apply Nesterov momentum to the anchor."""
         lr, mu = self.config.diloco.outer_lr, self.config.diloco.outer_momentum
         with torch.no_grad():
             deltas = [self.anchor[n] - p for n, p in self.params.items()]
             if self.info.world_size > 1:
                 flat = torch.cat([d.flatten() for d in deltas])
+                self.comm.add(flat)
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 flat /= self.info.world_size
                 deltas = list(torch.split(flat, [d.numel() for d in deltas]))
@@ -182,19 +207,16 @@ class DilocoStrategy(Strategy):
                 buf.mul_(mu).add_(delta)
                 self.anchor[name].sub_(lr * (delta + mu * buf))
                 p.copy_(self.anchor[name])
-        return self.param_bytes if self.info.world_size > 1 else 0
 
-    def after_optimizer_step(self, step: int) -> int:
+    def after_optimizer_step(self, step: int) -> None:
         if (step + 1) % self.inner_steps == 0:
             self.last_sync_step = step
-            return self.outer_step()
-        return 0
+            self.outer_step()
 
-    def finish(self, step: int) -> int:
-        if self.last_sync_step == step:
-            return 0
-        self.last_sync_step = step
-        return self.outer_step()
+    def finish(self, step: int) -> None:
+        if self.last_sync_step != step:
+            self.last_sync_step = step
+            self.outer_step()
 
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> None:
         return None  # replicas differ inside a round: everything is per rank

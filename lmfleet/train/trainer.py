@@ -7,7 +7,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,11 @@ from lmfleet.train.config import TrainConfig
 from lmfleet.train.metrics import MetricsWriter, peak_flops, peak_memory_bytes, read_metrics
 from lmfleet.train.strategies import Strategy, make_strategy
 
-FAULT_STEP_ENV = "LMFLEET_FAULT_STEP"  # test hook: SIGKILL this process at that step, first attempt only
+# Test hooks, read once at start (see fault_hook): SIGKILL rank FAULT_RANK at step FAULT_STEP, or
+# SIGTERM the `lmfleet train` process during step SIGTERM_STEP; first attempt only.
+FAULT_STEP_ENV = "LMFLEET_FAULT_STEP"
 FAULT_RANK_ENV = "LMFLEET_FAULT_RANK"
+SIGTERM_STEP_ENV = "LMFLEET_SIGTERM_STEP"
 
 
 def build_model_config(config: TrainConfig, corpus: Corpus) -> ModelConfig:
@@ -75,16 +80,64 @@ def _all_reduce_sum(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    target = os.environ.get(FAULT_STEP_ENV)
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if target and first_attempt and int(target) == step and rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0: first attempt, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class StopRequest:
+    """Set by SIGTERM; the loop reads it once per step and all ranks agree on it in the step's
+    all-reduce, so every rank stops after the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def fault_hook(rank: int, stop: StopRequest) -> Callable[[int], None] | None:
+    """The tests' fault injection, resolved from the environment once: None unless asked for.
+    Called with the number of steps done before each step."""
+    if restart_count() != 0:
+        return None
+    kill_at = os.environ.get(FAULT_STEP_ENV)
+    kill_rank = int(os.environ.get(FAULT_RANK_ENV, "0"))
+    term_at = os.environ.get(SIGTERM_STEP_ENV)
+    kill_step = int(kill_at) if kill_at and rank == kill_rank else None
+    term_step = int(term_at) if term_at and rank == 0 else None
+    if kill_step is None and term_step is None:
+        return None
+    # Under torchrun the `lmfleet train` process is this worker's parent (the elastic agent).
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+    def hook(done: int) -> None:
+        if done == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if term_step is not None and done == term_step - 1:
+            os.kill(launcher, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the launcher has passed it on to this worker
+
+    return hook
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: str | Path, info: DistInfo):
+    def __init__(self, config: TrainConfig, run_dir: str | Path, info: DistInfo,
+                 stop: StopRequest | None = None):
         self.config, self.run_dir, self.info = config, Path(run_dir), info
+        self.stop = stop or StopRequest()
+        self.before_step = fault_hook(info.rank, self.stop)
         torch.manual_seed(config.train.seed)
         self.corpus = Corpus(config.data.dir)
         self.model_config = build_model_config(config, self.corpus)
@@ -106,21 +159,28 @@ class Trainer:
         self.peak = peak_flops(info.device, self.autocast_dtype or self.param_dtype, config.train.peak_flops)
         self.step = 0
         self.comm_total = 0
+        self.comm_calls_total = 0
+        self.stop_agreed = False
+        self.previous_last_step: int | None = None  # the last step a resumed run's metrics had logged
 
     # ---- state -------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {"world_size": self.info.world_size, "strategy": self.config.train.strategy,
                 "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
                 "global_batch": self.config.global_batch(self.info.world_size),
-                "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total}
+                "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total,
+                "corpus": self.corpus.identity()}
 
-    def save(self) -> None:
+    def save(self, stopped_by: str | None = None) -> Path:
         local = {"loader": self.loader.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "comm_total": self.comm_total, "strategy": self.strategy.local_state(self.optimizer)}
+                 "comm_total": self.comm_total, "comm_calls_total": self.comm_calls_total,
+                 "strategy": self.strategy.local_state(self.optimizer)}
         if self.info.device.type == "cuda":
             local["rng_cuda"] = torch.cuda.get_rng_state(self.info.device)
-        ckpt.save_checkpoint(self.run_dir, self.step, self.info.rank, self.strategy.sharded_state(self.optimizer),
-                             local, self.meta(), self.config.checkpoint.keep_last)
+        meta = {**self.meta(), **({"stopped_by": stopped_by} if stopped_by else {})}
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.info.rank,
+                                    self.strategy.sharded_state(self.optimizer), local, meta,
+                                    self.config.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
         sharded = self.strategy.sharded_state(self.optimizer)
@@ -134,8 +194,16 @@ class Trainer:
             torch.cuda.set_rng_state(local["rng_cuda"], self.info.device)
         self.step = self.loader.step
         self.comm_total = int(local["comm_total"])
-        if self.info.is_main:  # metrics logged after the checkpoint by a run that died are replayed
-            kept = [r for r in read_metrics(self.metrics.path) if r.get("step", 0) <= self.step]
+        self.comm_calls_total = int(local["comm_calls_total"])
+        self.drop_metrics_after(self.step)
+
+    def drop_metrics_after(self, step: int) -> None:
+        """Forget metrics logged after `step` by an attempt that died: they are about to be replayed.
+        The `start` record of every attempt stays."""
+        if self.info.is_main:
+            records = read_metrics(self.metrics.path)
+            self.previous_last_step = max((r.get("step", 0) for r in records), default=0)
+            kept = [r for r in records if r.get("kind") == "start" or r.get("step", 0) <= step]
             self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # ---- steps -------------------------------------------------------------------------------
@@ -146,6 +214,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.batch.grad_accum
+        # Summed over ranks in one all-reduce at the end: [loss, ranks asking to stop].
         loss_sum = torch.zeros((), dtype=self.param_dtype, device=self.info.device)
         for micro in range(accum):
             inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
@@ -159,14 +228,19 @@ class Trainer:
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        comm = self.strategy.step_comm_bytes(accum) + self.strategy.after_optimizer_step(step)
+        self.strategy.count_step_comm(accum)
+        self.strategy.after_optimizer_step(step)
+        comm, calls = self.strategy.comm.take()
         loss_sum /= accum * self.info.world_size
-        _all_reduce_sum(loss_sum)
+        reduced = torch.stack([loss_sum, torch.full_like(loss_sum, float(self.stop.requested))])
+        _all_reduce_sum(reduced)
         # One device-to-host sync per step, after the optimizer's kernels are queued.
-        loss_value, grad_norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+        loss_value, stop_votes, grad_norm_value = torch.cat([reduced, grad_norm.to(loss_sum)[None]]).tolist()
+        self.stop_agreed = stop_votes > 0
         self.step += 1
         self.loader.step = self.step
         self.comm_total += comm
+        self.comm_calls_total += calls
         elapsed = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / elapsed
         peak_total = self.peak * self.info.world_size
@@ -174,7 +248,8 @@ class Trainer:
                 "tokens": self.step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token * tokens_per_s / peak_total if peak_total else None,
                 "step_time_s": elapsed, "peak_mem_bytes": peak_memory_bytes(self.info.device),
-                "comm_bytes": comm, "comm_bytes_total": self.comm_total}
+                "comm_bytes": comm, "comm_bytes_total": self.comm_total, "comm_calls": calls,
+                "comm_calls_total": self.comm_calls_total}
 
     def evaluate(self) -> dict[str, Any]:
         with self.strategy.eval_weights():
@@ -204,7 +279,8 @@ class Trainer:
         if self.step == 0 and cfg.eval.every:
             self.evaluate()  # the starting point of the validation curve
         while self.step < total:
-            _maybe_inject_fault(self.step, self.info.rank)
+            if self.before_step is not None:
+                self.before_step(self.step)
             record = self.train_step()
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 self.metrics.write({"kind": "train", **record})
@@ -212,25 +288,61 @@ class Trainer:
                 progress(record)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
                 self.evaluate()
+            if self.stop_agreed and self.step < total:
+                return self.stop_here()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
                 self.save()
-        self.comm_total += self.strategy.finish(self.step - 1)
+        self.strategy.finish(self.step - 1)
+        comm, calls = self.strategy.comm.take()
+        self.comm_total += comm
+        self.comm_calls_total += calls
         last_eval = self.evaluate()
         self.save()
         final = self.export()
         return {"steps": self.step, "final_dir": str(final) if final else None, **last_eval}
 
+    def stop_here(self) -> dict[str, Any]:
+        """Every rank got here after the same step: checkpoint it and report the stop."""
+        path = self.save(stopped_by="SIGTERM")
+        self.metrics.write({"kind": "stop", "step": self.step, "signal": "SIGTERM", "checkpoint": path.name})
+        if self.info.is_main:
+            print(f"SIGTERM: stopped after step {self.step}; checkpoint {path}", file=sys.stderr, flush=True)
+        return {"steps": self.step, "final_dir": None, "stopped_at": self.step, "checkpoint": str(path)}
 
-def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False,
-                 show_progress: bool = True) -> dict[str, Any]:
-    """Train in this process as one rank of the group torchrun set up (or alone)."""
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Path | None = None,
+                 show_progress: bool = True, checkpoint_on_sigterm: bool = True) -> dict[str, Any]:
+    """Train in this process as one rank of the group torchrun set up (or alone), from checkpoint
+    `resume_from` (the launcher's pick) or, after a restart, from the newest complete one. With
+    `checkpoint_on_sigterm`, SIGTERM ends the run after the current step with a checkpoint."""
+    stop = StopRequest()
+    if checkpoint_on_sigterm:
+        stop.install()
     info = init_distributed()
     try:
-        trainer = Trainer(config, run_dir, info)
-        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-        latest = ckpt.latest_checkpoint(run_dir)
-        if (resume or restarted) and latest is not None:
-            trainer.resume(latest)
+        trainer = Trainer(config, run_dir, info, stop)
+        attempt = restart_count()
+        if info.is_main:
+            ckpt.remove_stale(run_dir)  # no save runs before this attempt's first barrier
+        _barrier()
+        selection = ckpt.Selection(Path(resume_from) if resume_from else None)
+        if attempt > 0:
+            selection = ckpt.select_checkpoint(run_dir)
+            if info.is_main:
+                print(f"restart {attempt}: {selection.describe()}", file=sys.stderr, flush=True)
+        if selection.path is not None:
+            trainer.resume(selection.path)
+        elif attempt > 0:
+            trainer.drop_metrics_after(-1)  # no checkpoint yet: the restart begins again at step 0
+        trainer.metrics.write({"kind": "start", "step": trainer.step, "attempt": attempt, "pid": os.getpid(),
+                               "resumed_from": selection.path.name if selection.path else None,
+                               "previous_last_step": trainer.previous_last_step,
+                               "skipped": {p.name: why for p, why in selection.skipped}})
         if not (show_progress and info.is_main):
             return trainer.fit()
         from lmfleet.train.progress import training_progress
@@ -239,3 +351,4 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False,
             return trainer.fit(update)
     finally:
         destroy_distributed()
+        stop.restore()

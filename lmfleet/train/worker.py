@@ -1,7 +1,9 @@
-"""Worker entry point that torchrun starts: `python -m lmfleet.train.worker RUN_DIR [--resume]`."""
+"""Worker entry point that torchrun starts:
+`python -m lmfleet.train.worker RUN_DIR [--resume-from CHECKPOINT] [--no-checkpoint-on-sigterm]`."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -12,12 +14,16 @@ from lmfleet.train.trainer import run_training
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    run_dir = Path(args[0])
-    config = TrainConfig.from_json(run_dir / RUN_CONFIG)
+    parser = argparse.ArgumentParser(prog="lmfleet.train.worker")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume-from", type=Path, default=None)
+    parser.add_argument("--no-checkpoint-on-sigterm", dest="checkpoint_on_sigterm", action="store_false")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    config = TrainConfig.from_json(args.run_dir / RUN_CONFIG)
     config.validate()
     try:
-        run_training(config, run_dir, resume="--resume" in args)
+        run_training(config, args.run_dir, resume_from=args.resume_from,
+                     checkpoint_on_sigterm=args.checkpoint_on_sigterm)
     except LmfleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
