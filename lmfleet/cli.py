@@ -215,7 +215,11 @@ def train(
     max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure; "
                                               "workers resume from the latest checkpoint.")] = 0,
     strategy: Annotated[str | None, typer.Option(help="ddp, fsdp or diloco (overrides [train] strategy).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest complete checkpoint.")] = False,
+    allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help="With --resume: continue on a corpus "
+                                                 "other than the one the checkpoint was trained on.")] = False,
+    checkpoint_on_sigterm: Annotated[bool, typer.Option(help="On SIGTERM, finish the current step, checkpoint it "
+                                                        "and exit 0.")] = True,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: "
                                                            "section.key=value, e.g. optim.lr=1e-3.")] = None,
 ) -> None:
@@ -229,9 +233,13 @@ def train(
             fields[key] = str(value) if isinstance(value, Path) else value
     config = TrainConfig.load(config_path).apply_overrides(fields)
     spec = LaunchSpec(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                      max_restarts=max_restarts, resume=resume)
+                      max_restarts=max_restarts, resume=resume, allow_new_data=allow_new_data,
+                      checkpoint_on_sigterm=checkpoint_on_sigterm)
     summary = launch(config, spec)
-    if summary.get("final_dir"):
+    if summary.get("stopped_at") is not None:
+        out.print(f"stopped by SIGTERM after step {summary['stopped_at']}: checkpoint {summary['checkpoint']} "
+                  "(continue with --resume)")
+    elif summary.get("final_dir"):
         out.print(f"final model: {summary['final_dir']} (validation perplexity "
                   f"{summary.get('val_perplexity', float('nan')):.2f})")
     else:
