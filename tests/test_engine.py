@@ -771,3 +771,27 @@ def test_max_model_len_is_lowered_to_what_the_kv_cache_holds(model_and_hf, caplo
     with pytest.raises(ConfigError, match=r"max_model_len=128 does not fit in the KV cache \(80 tokens"):
         LLMEngine(model, num_blocks=5, block_size=16, max_model_len=128)
     assert LLMEngine(model, num_blocks=5, block_size=16, max_model_len=64).max_model_len == 64
+
+
+def test_logit_bias_shifts_the_model_logits(model_and_hf, prompts) -> None:
+    """+100 on one token makes greedy pick it every step; -100 on the greedy token makes the
+    first pick HF's second most likely token; out-of-range entries are refused by name."""
+    _, hf = model_and_hf
+    prompt = prompts[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    engine = LLMEngine(model_and_hf[0], num_blocks=32)
+    params = dict(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request(prompt, SamplingParams(**params, logit_bias={77: 100.0}), "forced")
+    engine.add_request(prompt, SamplingParams(**params, logit_bias={first: -100.0}), "banned")
+    engine.add_request(prompt, SamplingParams(**params), "plain")
+    done = run_to_completion(engine)
+    assert done["forced"].outputs[0].token_ids == [77] * 4
+    assert done["plain"].outputs[0].token_ids[0] == first
+    assert done["banned"].outputs[0].token_ids[0] == second
+    with pytest.raises(ConfigError, match="logit_bias token ids"):
+        engine.add_request(prompt, SamplingParams(logit_bias={10**6: 1.0}))
+    for bad in ({1: 101.0}, {-1: 1.0}, {1: float("nan")}, {i: 1.0 for i in range(1025)}):
+        with pytest.raises(ConfigError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

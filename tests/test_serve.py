@@ -19,6 +19,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import transformers
 
 from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
 from lmfleet.engine.bench import synthetic_requests
@@ -236,9 +237,11 @@ def test_stop_strings_and_logprobs(client, engine) -> None:
 
 
 def test_models_version_and_health(server, client) -> None:
+    from importlib.metadata import version
+
     url = server.url
     assert [m.id for m in client.models.list().data] == [NAME]
-    assert httpx.get(f"{url}/version").json()["version"]
+    assert httpx.get(f"{url}/version").json() == {"version": version("lmfleet")}  # the installed package's
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/v1/models").status_code == 401  # the API needs the key; health and metrics do not
 
@@ -337,6 +340,17 @@ BAD = [
                                                  "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("temperature 2.5", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
                                                  "temperature": 2.5}, 400, "temperature"),
+    ("1000 stop strings", "/v1/completions", {"model": NAME, "prompt": "x", "stop": [f"s{i}" for i in range(1000)]},
+     400, "stop"),
+    ("seed 2^64", "/v1/completions", {"model": NAME, "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("logit_bias key not a token id", "/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"abc": 1}},
+     400, "logit_bias"),
+    ("logit_bias over 100", "/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"5": 101}}, 400,
+     "logit_bias"),
+    ("logit_bias outside the vocabulary", "/v1/completions",
+     {"model": NAME, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ("tokenize without prompt or messages", "/tokenize", {"model": NAME}, 400, "prompt"),
+    ("detokenize outside the vocabulary", "/detokenize", {"model": NAME, "tokens": [1, 10**7]}, 400, "tokens"),
     ("10 MB body", "/v1/completions", {"model": NAME, "prompt": "x" * 10_000_000}, 413, None),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "x"}, 404, None),
 ]
@@ -767,3 +781,54 @@ def test_serve_exits_non_zero_when_its_engine_dies(model_dir, tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tokenize_and_detokenize_agree_with_the_tokenizer(server, model_dir) -> None:
+    """vLLM's /tokenize and /detokenize, checked against the `tokenizers` library reading the
+    model's tokenizer.json directly."""
+    import tokenizers
+
+    reference = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    text = "def fibonacci(n): 分布式 🚀"
+    answer = httpx.post(f"{server.url}/tokenize", json={"model": NAME, "prompt": text}, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["tokens"] == reference.encode(text).ids and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 256
+    plain = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False},
+                       headers=headers, timeout=30).json()
+    assert plain["tokens"] == reference.encode(text, add_special_tokens=False).ids
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}, headers=headers, timeout=30).json()
+    hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert chat["tokens"] == list(hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=False))
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": plain["tokens"]}, headers=headers, timeout=30)
+    assert back.json() == {"prompt": reference.decode(plain["tokens"], skip_special_tokens=False)} and \
+        back.json()["prompt"] == text
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401
+
+
+def test_oversize_requests_are_refused_while_a_normal_one_completes(server, client) -> None:
+    """Every hostile size at once, next to an ordinary request: each gets its 4xx, the ordinary
+    request its full answer."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    hostile = [{"model": NAME, "prompt": "x", "n": 1_000_000},
+               {"model": NAME, "prompt": ["x"] * 100_000, "max_tokens": 1},
+               {"model": NAME, "prompt": "x", "stop": ["s"] * 1000},
+               {"model": NAME, "prompt": "x", "seed": 2**64},
+               {"model": NAME, "prompt": "x", "priority": -100}]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            normal = client.completions.create  # the openai client, on a thread
+            jobs = [asyncio.to_thread(normal, model=NAME, prompt="The quick brown fox", max_tokens=12,
+                                      temperature=0, extra_body={"ignore_eos": True})]
+            jobs += [http.post("/v1/completions", json=body) for body in hostile]
+            return await asyncio.gather(*jobs)
+
+    completion, *refused = asyncio.run(main())
+    assert completion.usage.completion_tokens == 12
+    assert [r.status_code for r in refused] == [400] * len(hostile), [r.text[:200] for r in refused]
+    assert [r.json()["error"]["param"] for r in refused] == ["n", "prompt", "stop", "seed", "priority"]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

@@ -220,6 +220,10 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.model.config.vocab_size]
         if bad_stop:
             raise ConfigError(f"stop_token_ids {bad_stop} are outside the vocabulary")
+        bad_bias = sorted(t for t in params.logit_bias if t >= self.model.config.vocab_size)
+        if bad_bias:
+            raise ConfigError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary "
+                              f"of {self.model.config.vocab_size}")
         return ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,

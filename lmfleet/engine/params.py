@@ -18,6 +18,8 @@ MAX_SEED = 2**63  # exclusive: torch generators take seeds in [0, 2^64), and JSO
 MAX_PRIORITY = 2**31
 MAX_TOP_K = 2**31  # exclusive; a top-k at or above the vocabulary means off
 MIN_REPETITION_PENALTY = 0.01
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_LOGIT_BIAS = 100.0  # the OpenAI API's range: [-100, 100]
 
 
 def _is_int(value: object) -> bool:
@@ -54,11 +56,16 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     priority: int = 0  # lower runs first when the engine schedules by priority
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = _own_list(self.stop), _own_list(self.stop_token_ids)
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        elif isinstance(self.logit_bias, dict):
+            self.logit_bias = dict(self.logit_bias)
         self.check()
 
     def check(self) -> None:
@@ -106,6 +113,13 @@ class SamplingParams:
             yield "stop_token_ids must be integers >= 0"
         if not (_is_int(self.priority) and -MAX_PRIORITY <= self.priority < MAX_PRIORITY):
             yield f"priority={self.priority!r} must be an integer in [-2^31, 2^31)"
+        if not isinstance(self.logit_bias, dict):
+            yield "logit_bias must be a mapping of token id to bias"
+        elif len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            yield f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed"
+        elif not all(_is_int(t) and t >= 0 and _is_real(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                     for t, b in self.logit_bias.items()):
+            yield "logit_bias maps token ids >= 0 to biases in [-100, 100]"
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name}={getattr(self, name)!r} must be true or false"

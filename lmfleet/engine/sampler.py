@@ -1,6 +1,6 @@
 """Next-token selection for a batch of sequences, each with its own SamplingParams, on the device.
 
-Order: penalties on the raw logits, then temperature, top-k, top-p, min-p, and a draw
+Order: logit_bias and penalties on the raw logits, then temperature, top-k, top-p, min-p, and a draw
 (`lmfleet.model.sampling`). Every step is one set of batched tensor operations over the rows that
 need it; the host receives only the chosen token ids (and the logprobs asked for). A seeded request
 draws from its own generator, so its tokens do not depend on what else is in the batch. Logprobs
@@ -32,6 +32,19 @@ def _occurrences(token_lists: list[list[int]], vocab: int, device: torch.device)
     cols = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
     counts = torch.zeros(len(token_lists), vocab, device=device)
     return counts.index_put_((rows, cols), torch.ones(len(cols), device=device), accumulate=True)
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits (in place on `logits` [B, vocab])."""
+    biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
+    if biased:
+        rows = [i for i, bias in biased for _ in bias]
+        cols = [t for _, bias in biased for t in bias]
+        values = [b for _, bias in biased for b in bias.values()]
+        device = logits.device
+        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -69,7 +82,7 @@ class Sampler:
     def _plain_greedy(seq: Sequence) -> bool:
         p = seq.params
         return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty)
+                and not p.frequency_penalty and not p.logit_bias)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """One token per row of `logits` [len(seqs), vocab] (fp32, on the model's device)."""
@@ -79,7 +92,7 @@ class Sampler:
         params = [seq.params for seq in seqs]
         with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw = logits[with_logprobs].log_softmax(-1) if with_logprobs else None
-        logits = apply_penalties(logits.clone(), seqs)
+        logits = apply_penalties(apply_logit_bias(logits.clone(), seqs), seqs)
         tokens = logits.argmax(-1)
         drawn = [i for i, p in enumerate(params) if not p.greedy]
         if drawn:

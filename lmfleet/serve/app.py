@@ -2,8 +2,8 @@
 
     app = build_app(lambda: AsyncLLMEngine(LLMEngine("runs/tiny/final")), ServeSettings("tiny"))
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, GET /version. Every error is a JSON body in the OpenAI shape
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
+POST /detokenize, GET /health, GET /metrics, GET /version. Every error is a JSON body in the OpenAI shape
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status for client mistakes.
 """
 
@@ -306,6 +306,41 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
                                created)] if with_usage else []
 
         return _SSEResponse(stream_events(streams, n, chunk, finish), media_type="text/event-stream")
+
+    def tokenizer_of(model: str | None) -> Any:
+        if model is not None and model != settings.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        tok = front.ready_engine().engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer", param="model")
+        return tok
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest, key: str = Depends(authorize)) -> dict[str, Any]:
+        try:
+            body.check()
+        except P.UnsupportedField as exc:
+            raise APIError(400, str(exc), param=exc.field) from None
+        tok = tokenizer_of(body.model)
+        try:
+            if body.messages is not None:
+                ids = await asyncio.to_thread(tok.apply_chat_template, [m.as_template_dict() for m in body.messages],
+                                              add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            else:
+                ids = await asyncio.to_thread(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+        return {"count": len(ids), "max_model_len": front.ready_engine().engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest, key: str = Depends(authorize)) -> dict[str, Any]:
+        tok = tokenizer_of(body.model)
+        vocab = front.ready_engine().engine.model.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
     @app.get("/v1/models")
     async def models(key: str = Depends(authorize)) -> dict[str, Any]:

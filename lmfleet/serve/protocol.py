@@ -3,7 +3,7 @@
 Requests accept the OpenAI fields lmfleet implements plus vLLM's sampling extras (`top_k`, `min_p`,
 `repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`).
 Fields lmfleet does not implement are rejected by name rather than silently ignored when they
-would change the answer (`echo`, `suffix`, `best_of`, `logit_bias`, `tools`, `response_format`);
+would change the answer (`echo`, `suffix`, `best_of`, `tools`, `response_format`);
 unknown fields are ignored, as the OpenAI API does.
 """
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lmfleet.engine import SamplingParams
 from lmfleet.engine.engine import CompletionOutput
-from lmfleet.engine.params import MAX_LOGPROBS
+from lmfleet.engine.params import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 
 
 class UnsupportedField(ValueError):
@@ -57,8 +57,12 @@ class _SamplingRequest(BaseModel):
     def _check_common(self) -> None:
         if self.temperature is not None and not 0 <= self.temperature <= 2:  # the OpenAI API's range
             raise UnsupportedField("temperature", f"temperature={self.temperature} must be in [0, 2]")
-        if self.logit_bias:
-            raise UnsupportedField("logit_bias", "logit_bias is not supported")
+        if self.logit_bias is not None and len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise UnsupportedField("logit_bias", f"logit_bias has {len(self.logit_bias)} entries; at most "
+                                                 f"{MAX_LOGIT_BIAS_ENTRIES} are allowed")
+        for key in self.logit_bias or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise UnsupportedField("logit_bias", f"logit_bias keys are token ids; {key[:40]!r} is not one")
         if self.stream_options is not None and not self.stream:
             raise UnsupportedField("stream_options", "stream_options is only allowed with stream=true")
 
@@ -72,7 +76,8 @@ class _SamplingRequest(BaseModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, n=self.n,
-            logprobs=logprobs, priority=self.priority, skip_special_tokens=self.skip_special_tokens)
+            logprobs=logprobs, priority=self.priority, skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
 
 
 class CompletionRequest(_SamplingRequest):
@@ -152,6 +157,28 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise UnsupportedField("prompt", "give exactly one of prompt or messages")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 # ---- responses ------------------------------------------------------------------------------------
