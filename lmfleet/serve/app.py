@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet import __version__
@@ -209,7 +209,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             yield _sse("[DONE]")
 
     # ---- endpoints -------------------------------------------------------------------------------
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=P.generation_responses())
     async def completions(body: P.CompletionRequest, request: Request, key: str = Depends(authorize)) -> Response:
         e = admit(body)
         try:
@@ -254,7 +254,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
 
         return _SSEResponse(stream_events(streams, n, chunk, finish), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=P.generation_responses())
     async def chat_completions(body: P.ChatCompletionRequest, request: Request,
                                key: str = Depends(authorize)) -> Response:
         e = admit(body)
@@ -316,7 +316,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             raise APIError(400, "this model has no tokenizer", param="model")
         return tok
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=P.error_responses(400, 401, 404, 413, 429, 503))
     async def tokenize(body: P.TokenizeRequest, key: str = Depends(authorize)) -> dict[str, Any]:
         try:
             body.check()
@@ -333,7 +333,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return {"count": len(ids), "max_model_len": front.ready_engine().engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=P.error_responses(400, 401, 404, 413, 429, 503))
     async def detokenize(body: P.DetokenizeRequest, key: str = Depends(authorize)) -> dict[str, Any]:
         tok = tokenizer_of(body.model)
         vocab = front.ready_engine().engine.model.config.vocab_size
@@ -342,7 +342,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             raise APIError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=P.error_responses(401, 429))
     async def models(key: str = Depends(authorize)) -> dict[str, Any]:
         e = front.engine
         card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmfleet"}
@@ -350,7 +350,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             card["max_model_len"] = e.engine.max_model_len
         return {"object": "list", "data": [card]}
 
-    @app.get("/health")
+    @app.get("/health", responses=P.error_responses(503))
     async def health() -> Response:
         try:
             front.ready_engine()
@@ -358,7 +358,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=P.error_responses(401))
     async def prometheus(key: str = Depends(authorize)) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

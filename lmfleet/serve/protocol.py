@@ -181,6 +181,39 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: OpenAI's shape."""
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer (all in ErrorResponse's shape)."""
+    reasons = {400: "a field is invalid (param names it)", 401: "missing or invalid API key",
+               404: "unknown model or route", 413: "body over --max-body-bytes",
+               429: "queue full or rate limit (Retry-After)", 500: "the engine failed this request",
+               503: "loading, shutting down or engine dead"}
+    return {status: {"model": ErrorResponse, "description": reasons[status]} for status in statuses}
+
+
+# One server-sent event: a JSON chunk (or an error object) in `data`, or the closing `[DONE]`.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+              "required": ["data"]}
+
+
+def generation_responses() -> dict[int | str, dict[str, Any]]:
+    """A generation route: JSON, or server-sent events with stream=true; and its errors."""
+    return {200: {"description": "the completion, or its stream with stream=true",
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+            **error_responses(400, 401, 404, 413, 429, 500, 503)}
+
+
 # ---- responses ------------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
