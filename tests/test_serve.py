@@ -832,3 +832,42 @@ def test_oversize_requests_are_refused_while_a_normal_one_completes(server, clie
     assert [r.status_code for r in refused] == [400] * len(hostile), [r.text[:200] for r in refused]
     assert [r.json()["error"]["param"] for r in refused] == ["n", "prompt", "stop", "seed", "priority"]
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_bench_serve_counts_a_stream_without_done_as_failed() -> None:
+    """A stream that stops before `data: [DONE]` (a server that died mid-answer) is a failed
+    request in `lmfleet bench serve`, however much text it carried."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from lmfleet.serve.bench import BenchConfig, run_benchmark
+
+    class Truncating(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            complete = self.server.calls % 2 == 0  # every other stream is cut short
+            self.server.calls += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for i in range(3):
+                chunk = {"choices": [{"index": 0, "text": f"t{i}"}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if complete:
+                usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+                self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+            self.wfile.flush()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    httpd.calls = 0
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        cfg = BenchConfig(f"http://127.0.0.1:{httpd.server_port}", num_prompts=6, concurrency=1, model="m",
+                          input_len=(4, 4), output_len=(3, 3), token_range=(10, 20))
+        summary = asyncio.run(run_benchmark(cfg))
+    finally:
+        httpd.shutdown()
+    assert (summary["completed"], summary["failed"]) == (3, 3)
+    assert summary["first_errors"] == ["the stream ended without [DONE]"] * 3

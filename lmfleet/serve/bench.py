@@ -84,7 +84,7 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
             result.output_tokens = data["usage"]["completion_tokens"]
             result.ok = True
             return result
-        last = None
+        last, done = None, False
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
@@ -94,6 +94,7 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
                     continue
                 payload = line[len("data: "):]
                 if payload == "[DONE]":
+                    done = True
                     break
                 data = json.loads(payload)
                 if "error" in data:
@@ -109,9 +110,11 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
                         result.itl.append(now - last)
                     last = now
         result.latency = time.perf_counter() - start
-        result.ok = last is not None
-        if not result.ok:
+        result.ok = last is not None and done
+        if last is None:
             result.error = "the stream carried no text"
+        elif not done:
+            result.error = "the stream ended without [DONE]"
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     return result
