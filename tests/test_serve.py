@@ -666,33 +666,6 @@ def test_tls_on_http_and_grpc(model_dir, tmp_path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
-def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
-    """Last test of the module: it stops the shared server."""
-    url, proc = server.url, server.proc
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-    result = {}
-
-    def long_request() -> None:
-        stream = client.completions.create(model=NAME, prompt="The", max_tokens=200, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        text, reason = "", None
-        for chunk in stream:
-            text += chunk.choices[0].text
-            reason = chunk.choices[0].finish_reason or reason
-        result["reason"] = reason
-
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    deadline = time.monotonic() + 10
-    while metric(scrape(url), "lmfleet:num_requests_running") == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert worker.is_alive(), "the request ended before SIGTERM: nothing was tested"
-    os.kill(proc.pid, signal.SIGTERM)
-    worker.join(timeout=60)
-    assert result.get("reason") == "length"  # all 200 tokens arrived
-    assert proc.wait(timeout=30) == 0
-
-
 async def _asgi(app, method: str, path: str, body: bytes, gone: asyncio.Event) -> list[dict]:
     """One request straight through the ASGI app; the client hangs up when `gone` is set."""
     sent, messages = False, []
@@ -871,3 +844,30 @@ def test_bench_serve_counts_a_stream_without_done_as_failed() -> None:
         httpd.shutdown()
     assert (summary["completed"], summary["failed"]) == (3, 3)
     assert summary["first_errors"] == ["the stream ended without [DONE]"] * 3
+
+
+def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
+    """Last test of the module: it stops the shared server."""
+    url, proc = server.url, server.proc
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    result = {}
+
+    def long_request() -> None:
+        stream = client.completions.create(model=NAME, prompt="The", max_tokens=200, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        text, reason = "", None
+        for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        result["reason"] = reason
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while metric(scrape(url), "lmfleet:num_requests_running") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.is_alive(), "the request ended before SIGTERM: nothing was tested"
+    os.kill(proc.pid, signal.SIGTERM)
+    worker.join(timeout=60)
+    assert result.get("reason") == "length"  # all 200 tokens arrived
+    assert proc.wait(timeout=30) == 0
