@@ -64,18 +64,19 @@ def main() -> None:
 
     from ray import serve
 
-    from lmfleet.cluster.ray_serve import APP_NAME, deploy, shutdown
+    from lmfleet.cluster.deploy import APP_NAME, ClusterConfig, deploy, shutdown
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     engine = {"kv_cache_memory": 256 * 2**20}
     try:
-        deploy(args.model, ServeSettings("tiny"), engine, replicas=1, cpus_per_replica=1, port=port)
+        deploy(args.model, ServeSettings("tiny"), engine, ClusterConfig(replicas=1, cpus_per_replica=1, port=port))
         wait_healthy(url)
         results["ray1_c1"] = bench(url, **single)
         results["ray1_saturated"] = bench(url, **saturate)
         serve.delete(APP_NAME)
-        deploy(args.model, ServeSettings("tiny"), engine, replicas=args.replicas, cpus_per_replica=1, port=port)
+        deploy(args.model, ServeSettings("tiny"), engine, ClusterConfig(replicas=args.replicas, cpus_per_replica=1,
+                                                                       port=port))
         wait_healthy(url)
         results[f"ray{args.replicas}_saturated"] = bench(url, **saturate)
         prefix = dict(num_prompts=args.num_prompts, concurrency=8, dataset="prefix", prefix_len=384, num_prefixes=4,
@@ -83,8 +84,8 @@ def main() -> None:
         for router in ("prefix", "pow2"):
             serve.delete(APP_NAME)
             # About two prefixes (384 tokens = 24 blocks each) per replica, plus room for the running requests.
-            deploy(args.model, ServeSettings("tiny"), {"num_blocks": 2 * 24 + 24}, replicas=2, cpus_per_replica=1,
-                   port=port, router=router)
+            deploy(args.model, ServeSettings("tiny"), {"num_blocks": 2 * 24 + 24},
+                   ClusterConfig(replicas=2, cpus_per_replica=1, port=port, router=router))
             wait_healthy(url)
             results[f"shared_prefix_{router}"] = bench(url, **prefix)
             metrics = httpx.get(f"{url}/metrics").text

@@ -91,20 +91,20 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
-    from lmfleet.cluster import ray_serve
+    from lmfleet.cluster import deploy as cluster
     from lmfleet.serve import ServeSettings
 
     port = free_port()
     try:
-        ray_serve.deploy(args.model, ServeSettings("m"), {}, replicas=1, cpus_per_replica=1, port=port)
+        cluster.deploy(args.model, ServeSettings("m"), {}, cluster.ClusterConfig(replicas=1, cpus_per_replica=1, port=port))
         wait_healthy(f"http://127.0.0.1:{port}")
         cluster = lmfleet_pair(client, f"http://127.0.0.1:{port}", args.requests)
         from ray import serve
 
-        serve.delete(ray_serve.APP_NAME)
+        serve.delete(cluster.APP_NAME)
         one_hop, two_hops = bare_ray_serve(client, port, args.requests)
     finally:
-        ray_serve.shutdown()
+        cluster.shutdown()
 
     print(f"p50 latency, {args.requests} requests one at a time, {os.cpu_count()} cores")
     print(f"  GET /v1/models:          one process {single[0]:6.1f} ms   Ray Serve {cluster[0]:6.1f} ms   "

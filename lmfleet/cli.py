@@ -360,6 +360,9 @@ def serve(
                                         "(Ray Serve's default).")] = "prefix",
     request_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a request may take before 504 "
                                                    "(or an error event on a stream).")] = 600.0,
+    graceful_shutdown_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a replica being stopped "
+                                                             "(scale-down, redeploy) gets to finish its requests.")]
+    = 30.0,
     grpc_port: Annotated[int | None, typer.Option(help="Also serve the lmfleet.v1 gRPC API on this port "
                                                      "(same host, keys and limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on "
@@ -402,9 +405,13 @@ def serve(
     if replicas is not None or autoscale is not None:
         if grpc_port is not None or ssl_key is not None:
             raise ConfigError("--grpc-port and TLS are single-server options; on Ray Serve terminate TLS at a proxy")
-        _serve_cluster(model_dir, settings, engine_kwargs, replicas, autoscale, target_ongoing_requests,
-                       upscale_delay, downscale_delay, cpus_per_replica, gpus_per_replica, host, port, router,
-                       request_timeout, ray_address, shutdown_timeout)
+        from lmfleet.cluster.deploy import ClusterConfig, parse_autoscale
+
+        config = ClusterConfig(replicas, parse_autoscale(autoscale) if autoscale is not None else None,
+                               target_ongoing_requests, upscale_delay, downscale_delay, cpus_per_replica,
+                               gpus_per_replica, host, port, router, request_timeout_s=request_timeout,
+                               graceful_shutdown_timeout_s=graceful_shutdown_timeout, ray_address=ray_address)
+        _serve_cluster(model_dir, settings, engine_kwargs, config, shutdown_timeout)
         return
     scheme = "https" if ssl_certfile else "http"
     console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1"
@@ -413,18 +420,15 @@ def serve(
     run_server(model_dir, settings, engine_kwargs, host, port, ssl_key, ssl_cert, shutdown_timeout, log_level)
 
 
-def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, replicas: int | None,
-                   autoscale: str | None, target: float, up: float, down: float, cpus: float, gpus: float,
-                   host: str, port: int, router: str, timeout: float, ray_address: str | None,
+def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, config: object,
                    shutdown_timeout: float) -> None:
     """Deploy on Ray Serve, then wait for SIGTERM/SIGINT, let in-flight requests finish and take
     everything down."""
     import signal
     import threading
 
-    from lmfleet.cluster.ray_serve import deploy, drain, parse_autoscale, shutdown
+    from lmfleet.cluster.deploy import deploy, drain, shutdown
 
-    bounds = parse_autoscale(autoscale) if autoscale is not None else None
     stop = threading.Event()
 
     def catch_signals() -> None:
@@ -433,15 +437,14 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, repli
 
     catch_signals()
     try:
-        warnings = deploy(str(model_dir), settings, engine_kwargs, replicas=replicas, autoscale=bounds,
-                          target_ongoing_requests=target, upscale_delay_s=up, downscale_delay_s=down,
-                          cpus_per_replica=cpus, gpus_per_replica=gpus, host=host, port=port, router=router,
-                          request_timeout_s=timeout, ray_address=ray_address)
+        warnings = deploy(str(model_dir), settings, engine_kwargs, config)
         catch_signals()  # ray.init installs its own SIGTERM handler, which would end the process at once
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}")
-        shape = f"{replicas} replicas" if replicas else f"{bounds[0]}-{bounds[1]} replicas (autoscaling)"
-        console.print(f"serving [bold]{settings.model_name}[/] on Ray Serve, {shape}, at http://{host}:{port}/v1 "
+        shape = f"{config.replicas} replicas" if config.replicas else \
+            f"{config.autoscale[0]}-{config.autoscale[1]} replicas (autoscaling)"
+        console.print(f"serving [bold]{settings.model_name}[/] on Ray Serve, {shape}, at "
+                      f"http://{config.host}:{config.port}/v1 "
                       "(Ctrl-C or SIGTERM stops it)")
         stop.wait()
         console.print(f"stopping: in-flight requests get up to {shutdown_timeout:g} s to finish")
@@ -458,7 +461,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Replicas of a Ray Serve deployment: their state, load and health."""
-    from lmfleet.cluster.ray_serve import cluster_status
+    from lmfleet.cluster.status import cluster_status
 
     result = cluster_status(ray_address)
     if as_json:

@@ -58,6 +58,18 @@ class KeyChecker:
     def __init__(self, keys: Iterable[str]):
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
 
+    @classmethod
+    def from_digests(cls, digests: Iterable[str]) -> KeyChecker:
+        """A checker from the keys' SHA-256 hex digests (see `digests`), for a process that must not
+        hold the keys themselves."""
+        checker = cls(())
+        checker._digests = [bytes.fromhex(d) for d in digests]
+        return checker
+
+    def digests(self) -> list[str]:
+        """The SHA-256 hex digests of the keys: what `from_digests` takes."""
+        return [d.hex() for d in self._digests]
+
     @property
     def enabled(self) -> bool:
         return bool(self._digests)

@@ -1,0 +1,181 @@
+"""Putting the model on Ray Serve and taking it down: the cluster settings, the deployments'
+options (concurrency, queue, resources, router, graceful shutdown), deploy, drain, shutdown.
+
+    Ray Serve HTTP proxy ─► Ingress (reads the body, computes a routing key, retries)
+                             └─► LLMReplica × N (each: AsyncLLMEngine + the same FastAPI app as
+                                 `lmfleet serve`), chosen by the request router
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from lmfleet.cluster import router as routing
+from lmfleet.cluster.ingress import Ingress, IngressConfig
+from lmfleet.cluster.join import connect
+from lmfleet.cluster.metrics_store import start_store, stop_store
+from lmfleet.cluster.replica import LLMReplica
+from lmfleet.errors import ConfigError
+from lmfleet.serve.auth import KeyChecker
+from lmfleet.serve.frontend import ServeSettings
+
+APP_NAME = "lmfleet"
+DEFAULT_MAX_NUM_SEQS = 64  # the engine's default, when engine_kwargs leave it out
+PROBE_SLOTS = 64  # ingress slots beyond every replica's and the queue's, for /health and /metrics
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--autoscale {text!r} should be MIN:MAX, e.g. 1:4") from None
+    if not 0 <= lo <= hi or hi < 1:
+        raise ConfigError(f"--autoscale {text!r} needs 0 <= MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
+@dataclass
+class ClusterConfig:
+    """How the model runs on Ray Serve (the `lmfleet serve --replicas/--autoscale` options)."""
+
+    replicas: int | None = None
+    autoscale: tuple[int, int] | None = None
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router: str = "prefix"
+    imbalance_threshold: int = 4
+    request_timeout_s: float = 600.0
+    graceful_shutdown_timeout_s: float = 30.0  # a replica stopped (scale-down) finishes its requests this long
+    max_attempts: int = 3
+    ray_address: str | None = None
+    app_name: str = APP_NAME
+
+    def __post_init__(self) -> None:
+        if (self.replicas is None) == (self.autoscale is None):
+            raise ConfigError("give --replicas N or --autoscale MIN:MAX")
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"--replicas {self.replicas} must be >= 1")
+        if self.router not in ("prefix", "pow2"):
+            raise ConfigError(f"router {self.router!r}: choose prefix or pow2")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"--request-timeout {self.request_timeout_s} must be > 0 seconds")
+        if self.graceful_shutdown_timeout_s < 0:
+            raise ConfigError(f"--graceful-shutdown-timeout {self.graceful_shutdown_timeout_s} must be >= 0 seconds")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts {self.max_attempts} must be >= 1")
+
+    @property
+    def min_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else self.autoscale[0]
+
+    @property
+    def max_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else self.autoscale[1]
+
+
+def llm_options(config: ClusterConfig, max_num_seqs: int, max_queued_requests: int) -> dict[str, Any]:
+    """The LLMReplica deployment's options: a replica takes as many requests as its engine decodes
+    together; the rest wait at the ingress, at most `max_queued_requests`, then get 429."""
+    if max_queued_requests < 1:
+        raise ConfigError(f"--max-queued-requests {max_queued_requests}: on Ray Serve it must be >= 1 "
+                          "(requests wait at the ingress until a replica has room)")
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        "max_ongoing_requests": max_num_seqs, "max_queued_requests": max_queued_requests,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s}
+    router = routing.PrefixAffinityRouter if config.router == "prefix" else routing.AvoidingPowerOfTwoRouter
+    kwargs = {"imbalance_threshold": config.imbalance_threshold} if config.router == "prefix" else {}
+    options["request_router_config"] = RequestRouterConfig(request_router_class=router, request_router_kwargs=kwargs)
+    if config.autoscale is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": config.autoscale[0], "max_replicas": config.autoscale[1],
+            "initial_replicas": max(1, config.autoscale[0]), "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
+    else:
+        options["num_replicas"] = config.replicas
+    return options
+
+
+def ingress_options(config: ClusterConfig, max_num_seqs: int, max_queued_requests: int) -> dict[str, Any]:
+    """The ingress holds every request from arrival to last byte: room for all that the replicas run
+    and queue, and for probes, so that it is the ingress (with a 429) that refuses the excess."""
+    return {"max_ongoing_requests": config.max_replicas * max_num_seqs + max_queued_requests + PROBE_SLOTS}
+
+
+def check_resources(replicas_needed: int, cpus_per_replica: float, gpus_per_replica: float) -> None:
+    """Refuse a deployment the cluster cannot place (Ray would wait forever without an error)."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if replicas_needed * cpus_per_replica > cpus:
+        raise ConfigError(f"{replicas_needed} replica(s) x {cpus_per_replica} CPU need "
+                          f"{replicas_needed * cpus_per_replica:g} CPUs; the Ray cluster has {cpus:g}. "
+                          "Lower --cpus-per-replica or add nodes")
+    if replicas_needed * gpus_per_replica > gpus:
+        raise ConfigError(f"{replicas_needed} replica(s) x {gpus_per_replica} GPU need "
+                          f"{replicas_needed * gpus_per_replica:g} GPUs; the Ray cluster has {gpus:g}")
+
+
+def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any], config: ClusterConfig) -> list[str]:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; returns
+    warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
+    max_num_seqs = int(engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+    llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
+    connect(config.ray_address)
+    check_resources(max(1, config.min_replicas), config.cpus_per_replica, config.gpus_per_replica)
+    warnings: list[str] = []
+    if config.autoscale is not None:
+        total_cpus = ray.cluster_resources().get("CPU", 0.0)
+        if config.max_replicas * config.cpus_per_replica > total_cpus:
+            warnings.append(f"--autoscale max {config.max_replicas} x {config.cpus_per_replica} CPU exceeds the "
+                            f"cluster's {total_cpus:g} CPUs: scale-up stops at "
+                            f"{int(total_cpus // config.cpus_per_replica)} replicas until nodes are added "
+                            "(`lmfleet status` shows replicas pending)")
+    start_store()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    # Ray keeps deployment arguments where anyone on the cluster can read them: keys go as digests.
+    digests = KeyChecker(settings.api_keys).digests()
+    shared = asdict(replace(settings, api_keys=[]))
+    # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
+    replica_settings = shared | {"rate_limit": None, "rate_burst": None}
+    replicas = LLMReplica.options(**llm).bind(str(model_dir), engine_kwargs, replica_settings, digests,
+                                              max(1, int(config.cpus_per_replica)))
+    ingress = IngressConfig(config.max_attempts, config.request_timeout_s, config.min_replicas,
+                            app_name=config.app_name)
+    app = Ingress.options(**ingress_options(config, max_num_seqs, settings.max_queued_requests)).bind(
+        replicas, shared, digests, asdict(ingress))
+    serve.run(app, name=config.app_name, route_prefix="/")
+    return warnings
+
+
+def drain(timeout_s: float, app_name: str = APP_NAME) -> int:
+    """Stop taking requests at the endpoint and let those in flight finish (at most `timeout_s`);
+    returns how many were cut short."""
+    return serve.get_app_handle(app_name).drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
+
+
+def shutdown(app_name: str = APP_NAME) -> None:
+    """Take the application down: Serve too when nothing else runs on it, the metrics store, and
+    this process's connection to Ray (Ray itself stops when this process started it)."""
+    if not ray.is_initialized():
+        return
+    try:
+        others = set(serve.status().applications) - {app_name}  # empty when Serve is not running
+        if others:  # a shared cluster's other applications keep running
+            serve.delete(app_name)
+        else:
+            serve.shutdown()
+    finally:
+        try:
+            stop_store()
+        finally:
+            ray.shutdown()

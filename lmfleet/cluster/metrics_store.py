@@ -1,0 +1,52 @@
+"""The latest metrics of every replica, in one small actor: replicas push, the ingress and
+`lmfleet status` read."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+METRICS_STORE = "lmfleet-metrics"
+NAMESPACE = "lmfleet"
+PUSH_S = 0.5  # how often each replica sends its metrics
+
+
+@ray.remote(num_cpus=0)
+class MetricsStore:
+    """The latest Prometheus text of every replica (each pushes every PUSH_S)."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, tuple[float, str, dict[str, Any]]] = {}
+
+    def put(self, replica: str, text: str, where: dict[str, Any]) -> None:
+        """A replica's metrics text and where it runs (`pid`, `node`)."""
+        self.texts[replica] = (time.time(), text, where)
+
+    def raw(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str, dict[str, Any]]]:
+        now = time.time()
+        return {r: entry for r, entry in self.texts.items() if now - entry[0] <= max_age_s}
+
+    def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
+        return {r: text for r, (_, text, _) in self.raw(max_age_s).items()}
+
+
+def store_handle() -> Any | None:
+    """The running store, or None."""
+    try:
+        return ray.get_actor(METRICS_STORE, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_store() -> None:
+    """A fresh store: series of replicas from an earlier deployment must not linger."""
+    stop_store()
+    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached").remote()
+
+
+def stop_store() -> None:
+    store = store_handle()
+    if store is not None:
+        ray.kill(store)

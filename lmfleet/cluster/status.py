@@ -1,0 +1,53 @@
+"""`lmfleet status`: the application's and replicas' states from Ray Serve, and each replica's load,
+process and node from the metrics it last pushed (no Ray dashboard needed)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from lmfleet.cluster.deploy import APP_NAME
+from lmfleet.cluster.join import connect
+from lmfleet.cluster.metrics_store import store_handle
+
+
+def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
+    """Replica counts by state and the application's status, from Ray Serve."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {"application": "NOT_DEPLOYED", "deployments": {}}
+    return {"application": str(app.status), "deployments": {
+        name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
+        for name, d in app.deployments.items()}}
+
+
+def sample_sums(text: str) -> dict[str, float]:
+    """Each sample name's values summed over its labels."""
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            sums[s.name] = sums.get(s.name, 0.0) + s.value
+    return sums
+
+
+def cluster_status(ray_address: str | None = "auto", app_name: str = APP_NAME) -> dict[str, Any]:
+    """Application and replica states from Ray Serve, and each replica's load from its last metrics."""
+    connect(ray_address)
+    result = replica_status(app_name)
+    replicas = []
+    store = store_handle()
+    if store is not None:
+        now = time.time()
+        for replica, (stamp, text, where) in sorted(ray.get(store.raw.remote()).items()):
+            sums = sample_sums(text)
+            replicas.append({"replica": replica, "pid": where["pid"], "node": where["node"], "age_s": now - stamp,
+                             "running": sums.get("lmfleet:num_requests_running", 0.0),
+                             "waiting": sums.get("lmfleet:num_requests_waiting", 0.0),
+                             "kv_cache_usage": sums.get("lmfleet:kv_cache_usage_perc", 0.0),
+                             "generation_tokens": sums.get("lmfleet:generation_tokens_total", 0.0)})
+    result["replicas"] = replicas
+    return result
