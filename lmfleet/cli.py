@@ -355,7 +355,9 @@ def serve(
     cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs per replica (also its torch threads).")] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(help="Ray GPUs per replica.")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one; "
-                                                       "'auto': the one on this node).")] = None,
+                                                       "'auto': the one on this node). A cluster with token "
+                                                       "auth needs RAY_AUTH_MODE=token and its token in "
+                                                       "~/.ray/auth_token.")] = None,
     router: Annotated[str, typer.Option(help="Replica choice: prefix (prefix affinity + least load) or pow2 "
                                         "(Ray Serve's default).")] = "prefix",
     request_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a request may take before 504 "

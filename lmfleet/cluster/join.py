@@ -46,19 +46,20 @@ def probe(address: str, token: str | None, timeout_s: float = PROBE_TIMEOUT_S) -
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return "unauthenticated"
-            return f"{exc.code().name.lower()}: {exc.details()}"
+            return f"{exc.code().name.lower()}: {(exc.details() or '')[:120]}"
     return "ok"
 
 
 def _resolve(address: str) -> str | None:
-    """host:port of the GCS for `address` ('auto': the cluster on this node), None if unknown."""
-    if address != "auto":
-        return address
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
+    """host:port of the GCS for `address` as Ray reads it ('auto': the cluster on this node), None
+    when there is none to ask (ray.init then says so itself, at once)."""
+    from ray._private.services import canonicalize_bootstrap_address
 
+    try:
         return canonicalize_bootstrap_address(address)
-    except Exception:  # noqa: BLE001 - no local cluster: ray.init says so itself, at once
+    except ValueError as exc:
+        raise ConfigError(f"--ray-address {address!r}: {exc}; give HOST:PORT or auto") from None
+    except Exception:  # noqa: BLE001 - e.g. 'auto' with no local cluster
         return None
 
 
@@ -103,8 +104,11 @@ def connect(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         check_join(address)
+    auth_error = getattr(ray.exceptions, "AuthenticationError", ConnectionError)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
                  configure_logging=False)
+    except auth_error as exc:
+        raise ConfigError(f"Ray token authentication: {str(exc).splitlines()[0][:300]}") from None
     except ConnectionError as exc:
         raise ConfigError(f"no Ray cluster at {address!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
