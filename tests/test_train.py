@@ -197,6 +197,35 @@ def test_resume_skips_a_checkpoint_cut_short(corpus, runs, ddp_run) -> None:
     assert [s for s, _ in complete_checkpoints(out)] == [6, 12]
 
 
+def test_resume_takes_a_complete_save_whose_rename_never_happened(corpus, runs, ddp_run) -> None:
+    """A crash between a save's last fsync and its rename leaves a complete `.step_12.tmp`: the
+    launcher puts it in place before it picks, so --resume starts from step 12, not step 6."""
+    out = runs / "unrenamed"
+    shutil.copytree(ddp_run, out)
+    shutil.rmtree(out / "final")
+    (out / "checkpoints" / "step_12").rename(out / "checkpoints" / ".step_12.tmp")
+    result = train(corpus, out, "--resume")
+    ok(result)
+    assert f"resuming from {out / 'checkpoints' / 'step_12'}" in result.stderr
+    assert records(out, "start")[-1]["resumed_from"] == "step_12"
+    assert bit_identical(weights(out), weights(ddp_run))
+
+
+def test_a_new_run_never_lands_on_checkpoints_it_cannot_read(corpus, runs, ddp_run) -> None:
+    """Checkpoints without a manifest (an older lmfleet's) are not "no checkpoints": a run
+    without --resume is refused and they stay as they were."""
+    out = runs / "legacy"
+    shutil.copytree(ddp_run, out)
+    for step in (6, 12):
+        (out / "checkpoints" / f"step_{step}" / "manifest.json").unlink()
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    refused = run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(out), "--nproc", "2",
+                      "--set", "batch.micro_batch=4", "--steps", str(STEPS))
+    assert_one_line_error(refused, "already holds checkpoints", "none complete; step_12: no manifest.json",
+                          "--resume")
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
+
+
 def test_resume_refuses_another_corpus_unless_allowed(corpus, other_corpus, runs, ddp_run) -> None:
     out = runs / "newdata"
     shutil.copytree(ddp_run, out)

@@ -185,10 +185,26 @@ def test_incomplete_checkpoints_are_skipped_with_the_reason(tmp_path) -> None:
     by_size = select_checkpoint(run)
     assert by_size.path == root / "step_2"
     assert [(p.name, why) for p, why in by_size.skipped] == [
-        ("step_4", "no manifest.json (its save did not finish)"), ("step_3", "rank_0.pt is missing")]
+        ("step_4", "no manifest.json (its save did not finish, or it predates checkpoint manifests)"), ("step_3", "rank_0.pt is missing")]
     hashed = select_checkpoint(run, verify_hashes=True)
     assert hashed.path == root / "step_1"
     assert hashed.skipped[-1] == (root / "step_2", "rank_0.pt does not match its SHA-256 in the manifest")
     assert "resuming from" in hashed.describe() and "skipped step_3: rank_0.pt is missing" in hashed.describe()
     with pytest.raises(LmfleetError, match="step_3 is incomplete: rank_0.pt is missing"):
         load_checkpoint(root / "step_3", 0, None)
+
+
+def test_saving_never_deletes_a_checkpoint_without_a_manifest(tmp_path) -> None:
+    """A `step_<N>` with no manifest was not written by this format's save (an older lmfleet's
+    checkpoint): pruning after newer saves leaves it alone; damaged ones of this format go."""
+    run = tmp_path / "run"
+    _save(run, 1, 1.0)
+    _save(run, 2, 2.0)
+    root = run / "checkpoints"
+    (root / "step_1" / "manifest.json").unlink()  # what an older lmfleet left
+    (root / "step_2" / "rank_0.pt").write_bytes(b"cut")  # this format's, damaged
+    legacy = {p: p.read_bytes() for p in (root / "step_1").rglob("*") if p.is_file()}
+    _save(run, 3, 3.0)
+    _save(run, 4, 4.0)
+    assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_3", "step_4"]
+    assert {p: p.read_bytes() for p in (root / "step_1").rglob("*") if p.is_file()} == legacy

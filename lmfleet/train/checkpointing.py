@@ -71,7 +71,7 @@ def problem(path: str | Path, verify_hashes: bool = False) -> str | None:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (its save did not finish)"
+        return f"no {MANIFEST} (its save did not finish, or it predates checkpoint manifests)"
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return f"unreadable {MANIFEST}: {exc}"
     for name, entry in sorted(files.items()):
@@ -140,7 +140,10 @@ def remove_stale(run_dir: str | Path) -> list[Path]:
             continue
         final = root / f"step_{match.group(1)}"
         if match.group(2) == "tmp" and not final.exists() and problem(path) is None:
-            path.rename(final)  # the crash came between moving the old one aside and this rename
+            try:  # the crash came between moving the old one aside and this rename
+                path.rename(final)
+            except FileNotFoundError:  # another node's launcher, on a shared file system, was first
+                continue
             _fsync_dir(root)
             continue
         shutil.rmtree(path, ignore_errors=True)
@@ -226,11 +229,13 @@ def save_checkpoint(run_dir: str | Path, step: int, rank: int, sharded: dict[str
 
 
 def _prune(run_dir: str | Path, newest: int, keep_last: int) -> None:
-    """Keep the last `keep_last` complete checkpoints; drop incomplete ones older than `newest`."""
+    """Keep the last `keep_last` complete checkpoints; drop damaged ones older than `newest`. A
+    directory without a manifest is never deleted: a save of this format always has one, so it was
+    written by something else (an older lmfleet) and is not this function's to judge."""
     complete = complete_checkpoints(run_dir)
     keep = {path for _, path in complete[-keep_last:]}
     for step, path in step_dirs(run_dir):
-        if path not in keep and step < newest:
+        if path not in keep and step < newest and (path / MANIFEST).exists():
             shutil.rmtree(path, ignore_errors=True)
 
 

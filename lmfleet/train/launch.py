@@ -71,6 +71,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     corpus = Corpus(config.data.dir)
     model_config = build_model_config(config, corpus)
     run_dir = Path(config.train.out_dir)
+    ckpt.remove_stale(run_dir)  # before the pick: a complete save whose rename never happened counts
     if spec.resume:
         selection = ckpt.select_checkpoint(run_dir, verify_hashes=True)
         if selection.path is None:
@@ -82,10 +83,13 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
         print(selection.describe(), file=sys.stderr, flush=True)
     else:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None:
-            raise LmfleetError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
-                               "continue that run or --out to start a new one")
+        held = ckpt.step_dirs(run_dir)
+        if held:
+            latest = ckpt.latest_checkpoint(run_dir)
+            newest = f"latest complete {latest.name}" if latest else \
+                f"none complete; {held[-1][1].name}: {ckpt.problem(held[-1][1])}"
+            raise LmfleetError(f"{run_dir} already holds checkpoints ({newest}); pass --resume to continue that "
+                               "run or --out to start a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)
     return run_dir, selection.path if spec.resume else None
