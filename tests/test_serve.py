@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -754,6 +755,34 @@ def test_serve_exits_non_zero_when_its_engine_dies(model_dir, tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_exits_non_zero_when_its_model_fails_to_load(model_dir, tmp_path) -> None:
+    """The config reads (so the port opens) but the weights are cut short: the load thread fails
+    and the process exits 1 with one line, instead of answering /health 503 for ever."""
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = subprocess.run([str(Path(sys.executable).with_name("lmfleet")), "serve", str(broken), "--port",
+                             str(free_port()), "--log-level", "warning"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"the model in {broken} failed to load" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_engine_loop_that_dies_at_once_still_reports_its_death() -> None:
+    """The death callback is given to the constructor, so a loop that fails before the caller's
+    next line runs is still reported."""
+
+    class Broken:
+        def has_unfinished_requests(self) -> bool:
+            raise RuntimeError("broken at once")
+
+    heard = threading.Event()
+    engine = AsyncLLMEngine(Broken(), on_death=lambda exc: heard.set())
+    assert heard.wait(5) and "broken at once" in repr(engine.error)
+    assert not engine.is_running
 
 
 def test_tokenize_and_detokenize_agree_with_the_tokenizer(server, model_dir) -> None:

@@ -66,7 +66,7 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
         self.engine = engine
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = threading.Event()
@@ -74,8 +74,9 @@ class AsyncLLMEngine:
         self._stopped = False
         self.error: BaseException | None = None
         # Called on the loop's thread once the loop died and every open stream was told (a
-        # server uses it to exit, so that its supervisor restarts it).
-        self.on_death: Callable[[BaseException], None] | None = None
+        # server uses it to exit, so that its supervisor restarts it). Given here, before the
+        # loop starts, so a loop that dies at once still calls it.
+        self.on_death = on_death
         self.last_step_time = time.monotonic()  # when the loop last finished a step or idled
         self._thread = threading.Thread(target=self._loop, name="lmfleet-engine", daemon=True)
         self._thread.start()

@@ -56,9 +56,11 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: ServeSettings) -> FastAPI:
+def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: ServeSettings,
+              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The API app. `engine` may be a factory: it is then built on a thread when the app starts,
-    and /health answers 503 until it is ready."""
+    and /health answers 503 until it is ready; if it raises, `on_load_error` hears of it (a
+    server stops then, rather than answering 503 for ever)."""
     front = Frontend(engine if isinstance(engine, AsyncLLMEngine) else None, settings)
     metrics = front.metrics
 
@@ -70,6 +72,8 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
                 except BaseException as exc:  # noqa: BLE001 - reported by /health
                     front.load_error = exc
                     print(f"error: the model failed to load: {exc}", file=sys.stderr, flush=True)
+                    if on_load_error is not None:
+                        on_load_error(exc)
             threading.Thread(target=load, name="lmfleet-load", daemon=True).start()
         grpc_server = None
         if settings.grpc_port is not None:

@@ -57,6 +57,10 @@ class EngineDied(LmfleetError):
     """The engine loop died: the server failed what was in flight and stopped (exit status 1)."""
 
 
+class ModelLoadFailed(LmfleetError):
+    """The model did not load once the port was open: the server stopped (exit status 1)."""
+
+
 def _inject_fault(engine: Any, after_steps: int) -> None:
     step, count = engine.step, 0
 
@@ -75,12 +79,21 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self.engine_error: BaseException | None = None
+        self.load_error: BaseException | None = None
 
     def engine_died(self, exc: BaseException) -> None:
         """From the engine's thread: in-flight requests were failed; stop serving shortly, so the
         process exits non-zero and systemd, Kubernetes or Ray start a fresh one."""
         self.engine_error = exc
         print(f"error: the engine died ({exc!r}); the server stops", file=sys.stderr, flush=True)
+        self._stop_soon()
+
+    def load_failed(self, exc: BaseException) -> None:
+        """From the loading thread: nothing will ever be served; stop, exit non-zero."""
+        self.load_error = exc
+        self._stop_soon()
+
+    def _stop_soon(self) -> None:
         begin_draining(self._app)
         threading.Timer(DEATH_GRACE_S, lambda: setattr(self, "should_exit", True)).start()
 
@@ -107,14 +120,18 @@ def run_server(model_dir: str | Path, settings: ServeSettings, engine_kwargs: di
         engine = LLMEngine(model_dir, **engine_kwargs)
         if fault is not None:
             _inject_fault(engine, int(fault))
-        async_engine = AsyncLLMEngine(engine)
-        async_engine.on_death = server.engine_died if server is not None else None
-        return async_engine
+        return AsyncLLMEngine(engine, on_death=server.engine_died if server is not None else None)
 
-    app = build_app(factory, settings)
+    def load_failed(exc: BaseException) -> None:
+        if server is not None:
+            server.load_failed(exc)
+
+    app = build_app(factory, settings, on_load_error=load_failed)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, access_log=False)
     server = _DrainingServer(config, app)
     server.run()
+    if server.load_error is not None:
+        raise ModelLoadFailed(f"the model in {model_dir} failed to load: {server.load_error}")
     if server.engine_error is not None:
         raise EngineDied(f"the engine died: {server.engine_error!r}")
