@@ -71,3 +71,21 @@ def test_a_seeded_row_does_not_depend_on_its_batch():
     alone = draw([5], 0)[0]
     assert draw([0, 1, 5, 7], 2)[2] == alone
     assert draw(list(range(8)), 5)[5] == alone
+
+
+def test_logit_bias_adds_each_rows_own_bias_step_after_step() -> None:
+    """Rows with and without a bias in one batch, two steps (the second from the tensors kept on
+    the sequence): each row's logits move by exactly its own bias, computed by hand."""
+    from lmfleet.engine.params import SamplingParams
+    from lmfleet.engine.sampler import apply_logit_bias
+    from lmfleet.engine.sequence import Sequence
+
+    biases = [{3: 5.0, 0: -2.5}, {}, {7: 100.0}]
+    seqs = [Sequence(f"r{i}", [1, 2], SamplingParams(logit_bias=b)) for i, b in enumerate(biases)]
+    for step in range(2):
+        logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        expected = logits.clone()
+        for row, bias in enumerate(biases):
+            for token, value in bias.items():
+                expected[row, token] += value
+        assert torch.equal(apply_logit_bias(logits, seqs), expected)

@@ -36,14 +36,20 @@ def _occurrences(token_lists: list[list[int]], vocab: int, device: torch.device)
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Each row's logit_bias added to its logits (in place on `logits` [B, vocab])."""
-    biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
-    if biased:
-        rows = [i for i, bias in biased for _ in bias]
-        cols = [t for _, bias in biased for t in bias]
-        values = [b for _, bias in biased for b in bias.values()]
-        device = logits.device
-        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    rows, cols, values = [], [], []
+    for i, s in enumerate(seqs):
+        if not s.params.logit_bias:
+            continue
+        cached = s.bias_tensors
+        if cached is None or cached[1].device != logits.device or cached[1].dtype != logits.dtype:
+            bias = s.params.logit_bias
+            cached = s.bias_tensors = (torch.tensor(list(bias), device=logits.device),
+                                       torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+        rows.append(torch.full_like(cached[0], i))
+        cols.append(cached[0])
+        values.append(cached[1])
+    if rows:
+        logits.index_put_((torch.cat(rows), torch.cat(cols)), torch.cat(values), accumulate=True)
     return logits
 
 

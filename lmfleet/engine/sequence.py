@@ -52,6 +52,9 @@ class Sequence:
     # Choice 0 of the same request (for choices 1..n-1): they wait for its prompt to be in the
     # prefix cache and then share those blocks.
     leader: Sequence | None = field(default=None, repr=False, compare=False)
+    # params.logit_bias as (token ids, biases) tensors on the logits' device, built at first use
+    # (the sampler adds them every step: a 1,024-entry bias is not rebuilt from Python each time).
+    bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
