@@ -1,9 +1,10 @@
-"""The cluster under overload: open-loop Poisson arrivals at multiples of the measured capacity
-against Ray Serve replicas with a bounded queue (`--max-num-seqs` per replica,
-`--max-queued-requests` at the ingress). Per offered rate: requests/s offered and served, the
+"""Overload: open-loop Poisson arrivals at multiples of the measured capacity against a bounded
+queue (`--max-num-seqs` running, `--max-queued-requests` waiting), on Ray Serve replicas or, with
+`--single`, one `lmfleet serve` process. Per offered rate: requests/s offered and served, the
 share answered 429, latency of the admitted requests (p50/p99) and of the refusals (p99).
 
-    python benchmarks/cluster_overload.py --model runs/quickstart/tiny/final
+    python benchmarks/overload.py --model runs/quickstart/tiny/final            # the cluster
+    python benchmarks/overload.py --model runs/quickstart/tiny/final --single   # one process
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import asyncio
 import os
 import platform
 import random
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from common import free_port, wait_healthy
@@ -74,9 +79,42 @@ async def open_loop(url: str, body: dict, rate: float, seconds: float, seed: int
             "p99_429": quantile(refused, 0.99), "n": len(results), "wall": wall}
 
 
+@contextmanager
+def single_server(model: str, port: int, max_num_seqs: int, max_queued: int):
+    """One `lmfleet serve` process with one torch thread (a replica's share: `--cpus-per-replica 1`)."""
+    lmfleet = Path(sys.executable).with_name("lmfleet")
+    proc = subprocess.Popen([str(lmfleet), "serve", model, "--port", str(port), "--served-model-name", "m",
+                             "--max-num-seqs", str(max_num_seqs), "--max-queued-requests", str(max_queued),
+                             "--kv-cache-memory", "64MiB", "--log-level", "warning"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def cluster(model: str, port: int, replicas: int, max_num_seqs: int, max_queued: int):
+    from lmfleet.cluster.deploy import ClusterConfig, deploy, shutdown
+
+    settings = ServeSettings("m", max_queued_requests=max_queued)
+    engine = {"kv_cache_memory": 64 * 2**20, "max_num_seqs": max_num_seqs}
+    try:
+        deploy(model, settings, engine, ClusterConfig(replicas=replicas, cpus_per_replica=1, port=port))
+        yield
+    finally:
+        shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--single", action="store_true", help="one lmfleet serve process instead of Ray Serve")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--max-queued-requests", type=int, default=8)
@@ -85,27 +123,24 @@ def main() -> None:
     parser.add_argument("--loads", default="0.5,1,2,4", help="offered rates as multiples of the capacity")
     args = parser.parse_args()
 
-    from lmfleet.cluster.deploy import ClusterConfig, deploy, shutdown
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": args.max_tokens, "ignore_eos": True,
             "temperature": 0}
-    settings = ServeSettings("m", max_queued_requests=args.max_queued_requests)
-    engine = {"kv_cache_memory": 64 * 2**20, "max_num_seqs": args.max_num_seqs}
-    try:
-        deploy(args.model, settings, engine, ClusterConfig(replicas=args.replicas, cpus_per_replica=1, port=port))
+    replicas = 1 if args.single else args.replicas
+    target = single_server(args.model, port, args.max_num_seqs, args.max_queued_requests) if args.single else \
+        cluster(args.model, port, replicas, args.max_num_seqs, args.max_queued_requests)
+    with target:
         wait_healthy(url)
-        capacity = asyncio.run(closed_loop(url, body, args.replicas * args.max_num_seqs, 10.0))
+        capacity = asyncio.run(closed_loop(url, body, replicas * args.max_num_seqs, 10.0))
         rows = [(load, asyncio.run(open_loop(url, body, load * capacity, args.seconds, seed=i)))
                 for i, load in enumerate(float(x) for x in args.loads.split(","))]
-    finally:
-        shutdown()
+    where = "one lmfleet serve process (1 thread)" if args.single else f"{replicas} Ray Serve replica(s)"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}; "
-          f"{args.replicas} replica(s) x --max-num-seqs {args.max_num_seqs}, --max-queued-requests "
+          f"{where} x --max-num-seqs {args.max_num_seqs}, --max-queued-requests "
           f"{args.max_queued_requests}; {args.max_tokens} output tokens per request; {args.seconds:g} s per rate; "
           "load generator on the same machine")
-    print(f"capacity (closed loop, {args.replicas * args.max_num_seqs} clients): {capacity:.1f} requests/s")
+    print(f"capacity (closed loop, {replicas * args.max_num_seqs} clients): {capacity:.1f} requests/s")
     print("served/s: admitted requests over the whole run (arrivals, then until the last admitted one ended: wall)")
     print(f"{'load':>5} {'offered/s':>10} {'served/s':>9} {'wall':>6} {'429 share':>10} {'other':>6} {'p50 ok':>8} "
           f"{'p99 ok':>8} {'p99 429':>8}")
