@@ -218,6 +218,8 @@ def test_a_new_run_never_lands_on_checkpoints_it_cannot_read(corpus, runs, ddp_r
     shutil.copytree(ddp_run, out)
     for step in (6, 12):
         (out / "checkpoints" / f"step_{step}" / "manifest.json").unlink()
+    (out / "checkpoints" / ".step_18.tmp").mkdir()  # perhaps a run saving right now: not this run's to clear
+    (out / "checkpoints" / ".step_18.tmp" / "rank_0.pt").write_bytes(b"being written")
     before = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     refused = run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(out), "--nproc", "2",
                       "--set", "batch.micro_batch=4", "--steps", str(STEPS))

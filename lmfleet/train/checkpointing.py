@@ -126,6 +126,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise LmfleetError(f"checkpoint {path} has an unreadable {META}: {exc}") from None
 
 
+def unrenamed_saves(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of each complete `.step_<N>.tmp` whose rename into place never happened."""
+    root = checkpoint_root(run_dir)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = STALE_DIR.match(path.name)
+            if match and match.group(2) == "tmp" and problem(path) is None:
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def remove_stale(run_dir: str | Path) -> list[Path]:
     """Clear up after saves that crashed: a complete `.step_<N>.tmp` whose rename did not happen
     becomes `step_<N>`; other temporaries (`.step_<N>.tmp`, `.step_<N>.old`) are deleted. Returns

@@ -71,8 +71,8 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     corpus = Corpus(config.data.dir)
     model_config = build_model_config(config, corpus)
     run_dir = Path(config.train.out_dir)
-    ckpt.remove_stale(run_dir)  # before the pick: a complete save whose rename never happened counts
     if spec.resume:
+        ckpt.remove_stale(run_dir)  # before the pick: a complete save whose rename never happened counts
         selection = ckpt.select_checkpoint(run_dir, verify_hashes=True)
         if selection.path is None:
             raise LmfleetError(f"--resume: {run_dir} has no complete checkpoint to resume from"
@@ -83,11 +83,12 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
         print(selection.describe(), file=sys.stderr, flush=True)
     else:
-        held = ckpt.step_dirs(run_dir)
+        held = sorted(ckpt.step_dirs(run_dir) + ckpt.unrenamed_saves(run_dir))  # nothing is deleted here
         if held:
-            latest = ckpt.latest_checkpoint(run_dir)
+            latest, (_, last) = ckpt.latest_checkpoint(run_dir), held[-1]
+            why = ckpt.problem(last)
             newest = f"latest complete {latest.name}" if latest else \
-                f"none complete; {held[-1][1].name}: {ckpt.problem(held[-1][1])}"
+                f"none complete; {last.name}: {why}" if why else f"{last.name}: complete, not yet renamed into place"
             raise LmfleetError(f"{run_dir} already holds checkpoints ({newest}); pass --resume to continue that "
                                "run or --out to start a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
