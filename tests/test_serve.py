@@ -768,7 +768,9 @@ def test_serve_exits_non_zero_when_its_model_fails_to_load(model_dir, tmp_path) 
                              str(free_port()), "--log-level", "warning"], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert f"the model in {broken} failed to load" in result.stderr and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"the model in {broken} failed to load" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_engine_loop_that_dies_at_once_still_reports_its_death() -> None:

@@ -71,9 +71,10 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
                     front.engine = engine()
                 except BaseException as exc:  # noqa: BLE001 - reported by /health
                     front.load_error = exc
-                    print(f"error: the model failed to load: {exc}", file=sys.stderr, flush=True)
                     if on_load_error is not None:
                         on_load_error(exc)
+                    else:
+                        print(f"error: the model failed to load: {exc}", file=sys.stderr, flush=True)
             threading.Thread(target=load, name="lmfleet-load", daemon=True).start()
         grpc_server = None
         if settings.grpc_port is not None:

@@ -132,6 +132,7 @@ def run_server(model_dir: str | Path, settings: ServeSettings, engine_kwargs: di
     server = _DrainingServer(config, app)
     server.run()
     if server.load_error is not None:
-        raise ModelLoadFailed(f"the model in {model_dir} failed to load: {server.load_error}")
+        first = next((line for line in str(server.load_error).splitlines() if line.strip()), repr(server.load_error))
+        raise ModelLoadFailed(f"the model in {model_dir} failed to load: {first}")
     if server.engine_error is not None:
         raise EngineDied(f"the engine died: {server.engine_error!r}")
