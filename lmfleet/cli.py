@@ -429,7 +429,7 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, confi
     import signal
     import threading
 
-    from lmfleet.cluster.deploy import deploy, drain, shutdown
+    from lmfleet.cluster.deploy import AppAlreadyRunning, deploy, disconnect, drain, shutdown
 
     stop = threading.Event()
 
@@ -438,8 +438,13 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, confi
             signal.signal(sig, lambda *_: stop.set())
 
     catch_signals()
+    owned = True  # take the application down at the end (not someone else's that was already there)
     try:
-        warnings = deploy(str(model_dir), settings, engine_kwargs, config)
+        try:
+            warnings = deploy(str(model_dir), settings, engine_kwargs, config)
+        except AppAlreadyRunning:
+            owned = False
+            raise
         catch_signals()  # ray.init installs its own SIGTERM handler, which would end the process at once
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}")
@@ -454,7 +459,10 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, confi
         if cut:
             console.print(f"[yellow]warning:[/] {cut} request(s) still running after {shutdown_timeout:g} s were cut")
     finally:
-        shutdown()
+        if owned:
+            shutdown()
+        else:
+            disconnect()
 
 
 @app.command()

@@ -32,6 +32,7 @@ import openai
 import psutil
 import pytest
 
+import lmfleet
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.serve import ServeSettings
 
@@ -199,22 +200,25 @@ class FakeHandle:
 
 
 class FakeView:
-    def __init__(self, running: int = 2):
-        self.running = running
+    def __init__(self, running: int = 2, state: str = "RUNNING", store_fails: bool = False):
+        self.running, self.state, self.store_fails = running, state, store_fails
 
     async def texts(self, max_age_s: float = 15.0) -> dict[str, str]:
+        if self.store_fails:
+            raise TimeoutError("the metrics store did not answer")
         return {}
 
     async def replicas(self) -> tuple[int, str]:
-        return self.running, "RUNNING"
+        return self.running, self.state
 
 
-def _gateway(*answers: FakeStream, running: int = 2, min_replicas: int = 1, timeout_s: float = 600.0):
+def _gateway(*answers: FakeStream, running: int = 2, min_replicas: int = 1, timeout_s: float = 600.0,
+             view: FakeView | None = None):
     from lmfleet.cluster.ingress import Gateway, IngressConfig
     from lmfleet.serve.auth import KeyChecker
 
     config = IngressConfig(request_timeout_s=timeout_s, min_replicas=min_replicas, retry_pause_s=0.0)
-    return Gateway(FakeHandle(*answers), ServeSettings(NAME), KeyChecker([]), config, FakeView(running))
+    return Gateway(FakeHandle(*answers), ServeSettings(NAME), KeyChecker([]), config, view or FakeView(running))
 
 
 def _scope(path: str, body: bytes) -> dict:
@@ -325,6 +329,44 @@ def test_health_reports_the_endpoint_and_its_replicas(running, min_replicas, dra
         assert json.loads(body)["replicas"] == running
 
 
+def test_health_is_503_when_the_application_failed_and_200_when_only_the_store_is_silent() -> None:
+    """Scaled to zero is fine only while the application is RUNNING: a failed deployment (a node
+    without the model) would have a load balancer send every request into a 504. A metrics store
+    that does not answer is not the endpoint failing."""
+    failed = _gateway(min_replicas=0, view=FakeView(0, state="DEPLOY_FAILED"))
+    got, _, body = asyncio.run(_call(failed, "/health", b""))
+    assert got == 503 and json.loads(body)["reason"] == "the application is DEPLOY_FAILED"
+    silent = _gateway(view=FakeView(2, store_fails=True))
+    got, _, body = asyncio.run(_call(silent, "/health", b""))
+    assert got == 200 and json.loads(body)["replicas_reporting"] is None
+
+
+def test_the_ingress_bounds_what_a_client_chooses() -> None:
+    """A session id of any size becomes a fixed-size routing key; a body nested too deep for the
+    parser is no routing key (the replica answers it), not a 500; /version takes no replica slot
+    (no replica is asked here at all); a body sent slower than the request's time gets 504."""
+    from lmfleet.cluster.ingress import routing_key
+
+    keys = {routing_key("/v1/completions", b"", "s" * n) for n in (1, 10_000, 1_000_000)}
+    assert len(keys) == 3 and {len(k) for k in keys} == {len("session:") + 32}
+    assert routing_key("/v1/completions", b"[" * 100_000 + b"]" * 100_000, None) is None
+    got, _, body = asyncio.run(_call(_gateway(), "/version", b""))
+    assert got == 200 and json.loads(body) == {"version": lmfleet.__version__}
+
+    async def slow_body() -> tuple[int, bytes]:
+        from starlette.requests import Request
+
+        async def receive() -> dict:
+            await asyncio.sleep(3600)
+
+        response = await _gateway(timeout_s=0.3)(Request(_scope("/v1/completions", b"x" * 10), receive))
+        return response.status_code, response.body
+
+    started = time.monotonic()
+    status, body = asyncio.run(slow_body())
+    assert status == 504 and time.monotonic() - started < 5, body
+
+
 SSE = (200, [("content-type", "text/event-stream")], b"data: 1\n\n", True, "r1")
 
 
@@ -384,6 +426,18 @@ def test_the_token_is_read_where_ray_reads_it(tmp_path, monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         loader.reset_cache()
+
+
+def test_a_tls_cluster_is_not_probed_in_plain_grpc() -> None:
+    """With RAY_USE_TLS the up-front check steps aside (its probe has no TLS) instead of reporting
+    "no Ray cluster answers" for a cluster that is there; without it, a closed port is reported."""
+    from lmfleet.cluster.join import check_join
+    from lmfleet.errors import ConfigError
+
+    address = f"127.0.0.1:{free_port()}"
+    check_join(address, env={"RAY_USE_TLS": "1"}, timeout_s=1.0)
+    with pytest.raises(ConfigError, match="no Ray cluster answers"):
+        check_join(address, env={}, timeout_s=1.0)
 
 
 # ---- a real local Ray ------------------------------------------------------------------------------
@@ -823,6 +877,13 @@ def test_serve_joins_a_ray_cluster_that_requires_its_token(model_dir, tmp_path) 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
         ref = LLMEngine(model_dir, kv_cache_memory=4 * 2**20).generate(["The quick brown"],
                                                                         SamplingParams(max_tokens=8, temperature=0))[0]
+        assert client.completions.create(model=NAME, prompt="The quick brown", max_tokens=8,
+                                         temperature=0).choices[0].text == ref.text
+        # A second `lmfleet serve` on the same cluster is refused and leaves the first one running.
+        second = subprocess.run([lmfleet, "serve", str(model_dir), "--replicas", "1", "--ray-address", address,
+                                 "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60,
+                                cwd=tmp_path)
+        assert_one_line_error(second, "already serves an application named 'lmfleet'", "left running")
         assert client.completions.create(model=NAME, prompt="The quick brown", max_tokens=8,
                                          temperature=0).choices[0].text == ref.text
         deadline = time.monotonic() + 30

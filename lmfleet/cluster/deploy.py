@@ -15,6 +15,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from lmfleet.cluster import ray_errors
 from lmfleet.cluster import router as routing
 from lmfleet.cluster.ingress import Ingress, IngressConfig
 from lmfleet.cluster.join import connect
@@ -25,6 +26,10 @@ from lmfleet.serve.auth import KeyChecker
 from lmfleet.serve.frontend import ServeSettings
 
 APP_NAME = "lmfleet"
+
+
+class AppAlreadyRunning(ConfigError):
+    """The Ray cluster already serves an application of that name: it is left alone."""
 DEFAULT_MAX_NUM_SEQS = 64  # the engine's default, when engine_kwargs leave it out
 PROBE_SLOTS = 64  # ingress slots beyond every replica's and the queue's, for /health and /metrics
 
@@ -131,6 +136,11 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
     max_num_seqs = int(engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
     llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
     connect(config.ray_address)
+    existing = serve.status().applications.get(config.app_name)  # empty when Serve is not running
+    if existing is not None:
+        raise AppAlreadyRunning(f"the Ray cluster already serves an application named {config.app_name!r} "
+                                f"({ray_errors.state_name(existing.status)}), e.g. another `lmfleet serve`; "
+                                "stop that one first (it is left running)")
     check_resources(max(1, config.min_replicas), config.cpus_per_replica, config.gpus_per_replica)
     warnings: list[str] = []
     if config.autoscale is not None:
@@ -153,7 +163,13 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
                             app_name=config.app_name)
     app = Ingress.options(**ingress_options(config, max_num_seqs, settings.max_queued_requests)).bind(
         replicas, shared, digests, asdict(ingress))
-    serve.run(app, name=config.app_name, route_prefix="/")
+    try:
+        serve.run(app, name=config.app_name, route_prefix="/")
+    except RuntimeError as exc:  # Ray's "Deploying application ... failed" with a replica's traceback
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
+        raise ConfigError(f"the deployment failed: {lines[0] if lines else exc!r}"
+                          + (f" ... {last}" if last and len(lines) > 1 else "")) from None
     return warnings
 
 
@@ -179,3 +195,8 @@ def shutdown(app_name: str = APP_NAME) -> None:
             stop_store()
         finally:
             ray.shutdown()
+
+
+def disconnect() -> None:
+    """Only this process's connection to Ray: what runs on the cluster stays."""
+    ray.shutdown()

@@ -21,6 +21,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lmfleet import __version__
 from lmfleet.cluster import ray_errors, stats
 from lmfleet.cluster.metrics_merge import merge_metrics
 from lmfleet.cluster.metrics_store import store_handle
@@ -29,7 +30,12 @@ from lmfleet.serve.frontend import APIError, ServeSettings, check_access
 from lmfleet.serve.http_rules import body_too_large, over_limit, read_limited
 
 PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
+STORE_TIMEOUT_S = 2.0  # the metrics store's answer, for /health and /metrics
+# Bodies above this are parsed for their routing key off the event loop (4 MiB of JSON: ~0.1 s).
+PARSE_INLINE_BYTES = 64 * 1024
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Application states in which no request will be served (scaled to zero is RUNNING with 0 replicas).
+FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY", "NOT_DEPLOYED"})
 
 
 @dataclass
@@ -45,13 +51,13 @@ class IngressConfig:
 def routing_key(path: str, body: bytes, session: str | None) -> str | None:
     """What makes two requests likely to share KV-cache blocks: the session, else the start of the
     prompt (for chat, the first message — typically the system prompt)."""
-    if session:
-        return "session:" + session
+    if session:  # hashed: the router keeps its keys, and a client chooses this one's size
+        return "session:" + hashlib.sha256(session.encode("utf-8", "replace")).hexdigest()[:32]
     if not path.startswith("/v1/") or not body:
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # the replica says what is wrong with it
         return None
     if not isinstance(data, dict):
         return None
@@ -84,17 +90,27 @@ class RayView:
     def __init__(self, app_name: str, deployment: str):
         self.app_name, self.deployment = app_name, deployment
         self._counted: tuple[float, int, str] = (0.0, 0, "NOT_DEPLOYED")
+        self._store: Any = None
 
     async def texts(self, max_age_s: float = 15.0) -> dict[str, str]:
-        store = store_handle()
-        return await store.snapshot.remote(max_age_s) if store is not None else {}
+        """The replicas' metrics; raises when the store does not answer within STORE_TIMEOUT_S."""
+        if self._store is None:  # a GCS lookup: off the event loop, once
+            self._store = await asyncio.to_thread(store_handle)
+            if self._store is None:
+                return {}
+        try:
+            return await asyncio.wait_for(self._store.snapshot.remote(max_age_s), STORE_TIMEOUT_S)
+        except BaseException:
+            self._store = None  # looked up again next time (the store may have been restarted)
+            raise
 
     async def replicas(self) -> tuple[int, str]:
         """Running replicas of the model deployment and the application's state (at most 1 s old)."""
         stamp, running, state = self._counted
         if time.monotonic() - stamp > 1.0:
-            status = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
-            state = str(status.status) if status is not None else "NOT_DEPLOYED"
+            status = (await asyncio.wait_for(asyncio.to_thread(serve.status), STORE_TIMEOUT_S)).applications.get(
+                self.app_name)
+            state = ray_errors.state_name(status.status) if status is not None else "NOT_DEPLOYED"
             deployment = status.deployments.get(self.deployment) if status is not None else None
             running = int(deployment.replica_states.get("RUNNING", 0)) if deployment is not None else 0
             self._counted = (time.monotonic(), running, state)
@@ -170,6 +186,8 @@ class Gateway:
                 raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
             if path == "/health":
                 return await self._health()
+            if path == "/version" and request.method == "GET":  # static: no replica slot for it
+                return JSONResponse({"version": __version__})
         except APIError as exc:
             return error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a Ray failure reading metrics or state: a reason, not a bare 500
@@ -238,13 +256,20 @@ class Gateway:
                             f"last: {failure}", "service_unavailable", code="no_replica")
 
     async def _forward(self, request: Request, path: str, relay: _Relay) -> Response:
-        body = await self._read_body(request)
-        key = routing_key(path, body, request.headers.get("x-session-id"))
         timeout = self.config.request_timeout_s
         deadline = time.monotonic() + timeout
+        try:  # a body sent slowly counts against the request's time too
+            body = await asyncio.wait_for(self._read_body(request), timeout)
+        except asyncio.TimeoutError:
+            raise ray_errors.api_error(asyncio.TimeoutError(), timeout) from None
+        session = request.headers.get("x-session-id")
+        if len(body) > PARSE_INLINE_BYTES:
+            key = await asyncio.to_thread(routing_key, path, body, session)
+        else:
+            key = routing_key(path, body, session)
         try:
             stream, status, headers, first, more = await asyncio.wait_for(
-                self._first(request, body, key, relay), timeout)
+                self._first(request, body, key, relay), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise ray_errors.api_error(asyncio.TimeoutError(), timeout) from None
         headers = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
@@ -302,9 +327,15 @@ class Gateway:
         """200 while the endpoint can serve: a replica runs, or none is meant to (scaled to zero,
         the next request starts one); the replica counts in the body either way."""
         running, state = await self.view.replicas()
-        reporting = len(await self.view.texts(5.0))
+        try:
+            reporting: int | None = len(await self.view.texts(5.0))
+        except Exception:  # noqa: BLE001 - the metrics store is not the endpoint: say it did not answer
+            reporting = None
         body = {"status": "ok", "application": state, "replicas": running, "replicas_reporting": reporting,
                 "min_replicas": self.config.min_replicas}
+        if state in FAILED_STATES:
+            body |= {"status": "unavailable", "reason": f"the application is {state}"}
+            return JSONResponse(body, status_code=503)
         if running == 0 and self.config.min_replicas > 0:
             body |= {"status": "unavailable", "reason": "no replica is running"}
             return JSONResponse(body, status_code=503)

@@ -69,6 +69,8 @@ def check_join(address: str, env: Mapping[str, str] | None = None, timeout_s: fl
     env = os.environ if env is None else env
     if address.startswith("ray://"):
         return  # Ray Client: its own protocol and errors
+    if env.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes"):
+        return  # the probe speaks plain gRPC; a TLS cluster is left to ray.init and its own errors
     target = _resolve(address)
     if target is None:
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 from ray import exceptions as ray_exc
 from ray.serve import exceptions as serve_exc
@@ -57,3 +58,8 @@ def api_error(exc: BaseException, timeout_s: float | None = None) -> APIError:
                         code="cluster_error")
     return APIError(500, f"internal error in the cluster ingress: {_reason(exc)}", "server_error",
                     code="internal_error")
+
+
+def state_name(state: Any) -> str:
+    """A Ray Serve status enum as its bare name (`RUNNING`, not `ReplicaState.RUNNING`)."""
+    return str(getattr(state, "value", state))

@@ -13,6 +13,7 @@ from ray import serve
 from lmfleet.cluster.deploy import APP_NAME
 from lmfleet.cluster.join import connect
 from lmfleet.cluster.metrics_store import store_handle
+from lmfleet.cluster.ray_errors import state_name
 
 
 def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
@@ -20,8 +21,8 @@ def replica_status(app_name: str = APP_NAME) -> dict[str, Any]:
     app = serve.status().applications.get(app_name)
     if app is None:
         return {"application": "NOT_DEPLOYED", "deployments": {}}
-    return {"application": str(app.status), "deployments": {
-        name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
+    return {"application": state_name(app.status), "deployments": {
+        name: {"status": state_name(d.status), "replicas": {state_name(k): v for k, v in d.replica_states.items()}}
         for name, d in app.deployments.items()}}
 
 
