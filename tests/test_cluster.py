@@ -341,6 +341,37 @@ def test_health_is_503_when_the_application_failed_and_200_when_only_the_store_i
     assert got == 200 and json.loads(body)["replicas_reporting"] is None
 
 
+def test_the_ingress_counts_the_errors_it_answers_itself() -> None:
+    """401 and 413 never reach a replica, so no replica counts them: the ingress's /metrics does."""
+    from lmfleet.cluster.ingress import Gateway, IngressConfig
+    from lmfleet.serve.auth import KeyChecker
+
+    def errors_after(keys: list[str], bodies: list[bytes]) -> dict[str, float]:
+        gateway = Gateway(FakeHandle(), ServeSettings(NAME, max_body_bytes=100), KeyChecker(keys),
+                          IngressConfig(retry_pause_s=0.0), FakeView())
+        for body in bodies:
+            asyncio.run(_call(gateway, "/v1/completions", body))
+        text = asyncio.run(_call(gateway, "/metrics", b""))[2].decode()
+        assert promtool_problems(text) == []
+        family = parse_once(text)["lmfleet:ingress_http_errors"]
+        return {s.labels["status"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    assert errors_after(["k" * 32], [b'{"prompt": "hi"}'] * 2) == {"401": 2.0}  # no key sent
+    assert errors_after([], [b"x" * 200]) == {"413": 1.0}
+
+    async def client_leaves() -> tuple[int, dict]:  # mid-body
+        from starlette.requests import Request
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        gateway = _gateway()
+        response = await gateway(Request(_scope("/v1/completions", b"x" * 10), receive))
+        return response.status_code, dict(gateway.errors)
+
+    assert asyncio.run(client_leaves()) == (499, {499: 1})
+
+
 def test_the_ingress_bounds_what_a_client_chooses() -> None:
     """A session id of any size becomes a fixed-size routing key; a body nested too deep for the
     parser is no routing key (the replica answers it), not a 500; /version takes no replica slot

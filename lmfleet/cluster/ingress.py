@@ -9,6 +9,7 @@ a fake replica handle); `Ingress` is the deployment around it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmfleet import __version__
@@ -27,7 +28,7 @@ from lmfleet.cluster.metrics_merge import merge_metrics
 from lmfleet.cluster.metrics_store import store_handle
 from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
 from lmfleet.serve.frontend import APIError, ServeSettings, check_access
-from lmfleet.serve.http_rules import body_too_large, over_limit, read_limited
+from lmfleet.serve.http_rules import CLIENT_CLOSED, body_too_large, over_limit, read_limited
 
 PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
 STORE_TIMEOUT_S = 2.0  # the metrics store's answer, for /health and /metrics
@@ -161,6 +162,12 @@ class Gateway:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
         self.in_flight = 0  # forwarded requests between arrival and their last byte
         self.draining = False
+        self.errors: collections.Counter[int] = collections.Counter()  # the ingress's own error answers
+
+    def _refuse(self, exc: APIError) -> JSONResponse:
+        """An error the ingress answers itself (a replica's own errors are counted by the replica)."""
+        self.errors[exc.status] += 1
+        return error_response(exc)
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests (503, /health too) and wait until those in flight have finished, at
@@ -189,9 +196,9 @@ class Gateway:
             if path == "/version" and request.method == "GET":  # static: no replica slot for it
                 return JSONResponse({"version": __version__})
         except APIError as exc:
-            return error_response(exc)
+            return self._refuse(exc)
         except Exception as exc:  # noqa: BLE001 - a Ray failure reading metrics or state: a reason, not a bare 500
-            return error_response(ray_errors.api_error(exc))
+            return self._refuse(ray_errors.api_error(exc))
         relay = _Relay(self)
         task = asyncio.current_task()
         if task is not None:  # Ray Serve sends the response from this task: if it never does, release here
@@ -199,9 +206,9 @@ class Gateway:
         try:
             response = await self._forward(request, path, relay)
         except APIError as exc:
-            response = error_response(exc)
+            response = self._refuse(exc)
         except Exception as exc:  # noqa: BLE001 - every failure gets an OpenAI-shaped answer with a reason
-            response = error_response(ray_errors.api_error(exc, self.config.request_timeout_s))
+            response = self._refuse(ray_errors.api_error(exc, self.config.request_timeout_s))
         except BaseException:
             relay.release()
             raise
@@ -211,8 +218,12 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        body = None if over_limit(request.headers.get("content-length"), limit) else \
-            await read_limited(request.stream(), limit)
+        try:
+            body = None if over_limit(request.headers.get("content-length"), limit) else \
+                await read_limited(request.stream(), limit)
+        except ClientDisconnect:  # nobody to answer; counted as what it is, not as a server error
+            raise APIError(CLIENT_CLOSED, "the client closed the connection before its body arrived",
+                           code="client_closed") from None
         if body is None:
             raise body_too_large(limit)
         return body
@@ -321,7 +332,12 @@ class Gateway:
         in_flight = GaugeMetricFamily("lmfleet:ingress_requests_in_flight",
                                       "Requests between arrival at the ingress and their last byte.",
                                       value=self.in_flight)
-        return merge_metrics(texts, [replicas, decisions, hits, retries, in_flight])
+        errors = CounterMetricFamily("lmfleet:ingress_http_errors",
+                                     "Requests the ingress answered with an error itself, by status.",
+                                     labels=["status"])
+        for status, count in sorted(self.errors.items()):
+            errors.add_metric([str(status)], count)
+        return merge_metrics(texts, [replicas, decisions, hits, retries, in_flight, errors])
 
     async def _health(self) -> Response:
         """200 while the endpoint can serve: a replica runs, or none is meant to (scaled to zero,

@@ -11,6 +11,7 @@ import ray
 METRICS_STORE = "lmfleet-metrics"
 NAMESPACE = "lmfleet"
 PUSH_S = 0.5  # how often each replica sends its metrics
+FORGET_S = 300.0  # a replica silent this long is dropped from the store
 
 
 @ray.remote(num_cpus=0)
@@ -21,8 +22,12 @@ class MetricsStore:
         self.texts: dict[str, tuple[float, str, dict[str, Any]]] = {}
 
     def put(self, replica: str, text: str, where: dict[str, Any]) -> None:
-        """A replica's metrics text and where it runs (`pid`, `node`)."""
-        self.texts[replica] = (time.time(), text, where)
+        """A replica's metrics text and where it runs (`pid`, `node`); replicas silent for
+        FORGET_S are forgotten (replaced replicas must not pile up)."""
+        now = time.time()
+        self.texts[replica] = (now, text, where)
+        for gone in [r for r, entry in self.texts.items() if now - entry[0] > FORGET_S]:
+            del self.texts[gone]
 
     def raw(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str, dict[str, Any]]]:
         now = time.time()

@@ -28,7 +28,7 @@ from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError, Req
 from lmfleet.engine.engine import RequestOutput
 from lmfleet.serve import protocol as P
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, Frontend, ServeSettings, error_body, merge_streams
-from lmfleet.serve.http_rules import BodyLimit
+from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit
 
 
 class _SSEResponse(StreamingResponse):
@@ -48,8 +48,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-# What a request whose client left gets, should anything still be listening (nginx's code).
-CLIENT_CLOSED = 499
 
 
 def _sse(data: dict[str, Any] | str) -> str:

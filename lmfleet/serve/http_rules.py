@@ -9,6 +9,9 @@ from typing import Any
 
 from lmfleet.serve.frontend import APIError
 
+# What a request whose client left gets, should anything still be listening (nginx's code).
+CLIENT_CLOSED = 499
+
 
 def over_limit(content_length: bytes | str | None, limit: int) -> bool:
     """A declared Content-Length above the limit (an undeclared one is counted while reading)."""
