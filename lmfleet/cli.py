@@ -334,6 +334,8 @@ def serve(
     linear_method: Annotated[str, typer.Option(help="How linear layers multiply: auto, packed (oneDNN, CPU fp32), "
                                                     "transposed (W^T, fastest for batch-1 decode on CPU) "
                                                     "or dense.")] = "auto",
+    tensor_parallel_size: Annotated[int, typer.Option(help="Processes that each hold a slice of the model "
+                                                      "and of the KV cache (1: this process alone).")] = 1,
     rate_limit: Annotated[float | None, typer.Option(help="Requests per second per API key (token bucket); "
                                                         "over it: 429.")] = None,
     rate_burst: Annotated[int | None, typer.Option(help="Burst size of the rate limit.")] = None,
@@ -401,7 +403,7 @@ def serve(
     engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
                          device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
                          enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                         linear_method=linear_method,
+                         linear_method=linear_method, tensor_parallel_size=tensor_parallel_size,
                          kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
@@ -502,6 +504,8 @@ def bench_offline(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs for decode steps.")] = False,
     gpu_memory_utilization: Annotated[float, typer.Option(help="Share of the GPU's memory the engine may use.")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(help="Processes that each hold a slice of the model "
+                                                      "and of the KV cache (1: this process alone).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Offline throughput: requests/s, output and total tokens/s, prefix-cache hit rate."""
@@ -514,12 +518,15 @@ def bench_offline(
     output_len = parse_range(output_len_range, "--output-len-range")
     engine = LLMEngine(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        dtype=dtype, device=device, enforce_eager=enforce_eager,
-                       gpu_memory_utilization=gpu_memory_utilization)
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
     with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("bench", total=num_prompts)
-        result = offline_benchmark(engine, num_prompts, input_len, output_len, prefix_len,
-                                   progress=lambda done, total: bar.update(task, completed=done))
+        try:
+            result = offline_benchmark(engine, num_prompts, input_len, output_len, prefix_len,
+                                       progress=lambda done, total: bar.update(task, completed=done))
+        finally:
+            engine.shutdown()
     if as_json:
         print(json.dumps(result))
         return

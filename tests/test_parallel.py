@@ -4,7 +4,14 @@ logits of the unsplit model (float64, so only the order of the sums differs)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
+import openai
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,8 +22,10 @@ from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import build_model
 from lmfleet.parallel.tensor_parallel import check_tp, shard_for_inference, tp_layout
 
+from .helpers import chat_model_dir, free_port
+
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64)
+            max_position_embeddings=128)
 CASES = {
     "kv split (2 KV heads)": dict(vocab_size=200, num_key_value_heads=2),
     "kv replicated (1 KV head)": dict(vocab_size=200, num_key_value_heads=1),
@@ -89,3 +98,132 @@ def test_layouts_and_errors_name_the_problem() -> None:
     odd_kv = ModelConfig(**(BASE | {"num_attention_heads": 12}), head_dim=8, vocab_size=200, num_key_value_heads=3)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 and num_key_value_heads=3: one must divide"):
         check_tp(odd_kv, 2)
+
+
+# ---- the engine with tensor_parallel_size=2 ------------------------------------------------------
+
+PROMPTS = [[(7 * i + j) % 200 for j in range(5 + 9 * i)] for i in range(5)]
+PROMPTS += [PROMPTS[4][:30] + [i, i + 1, i + 2] for i in range(3)]  # a shared prefix: prefix-cache hits
+ENGINE = dict(num_blocks=96, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)  # chunked, batched
+
+
+def _tp_engine(model, **kwargs):
+    from lmfleet.engine import LLMEngine
+
+    return LLMEngine(model, tensor_parallel_size=2, **ENGINE, **kwargs)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv split", "kv replicated"])
+def test_engine_tp2_decodes_the_tokens_of_one_process(kv_heads) -> None:
+    """Greedy tokens of 8 prompts through 4 sequence slots (continuous batching), 16-token steps
+    (chunked prefill) and shared prefixes (prefix caching): equal at TP=1 and TP=2, in float64."""
+    from lmfleet.engine import LLMEngine, SamplingParams
+
+    config = ModelConfig(**BASE, vocab_size=200, num_key_value_heads=kv_heads)
+    model = build_model(config, seed=0, dtype=torch.float64)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    reference = LLMEngine(model, **ENGINE).generate(PROMPTS, params)
+    engine = _tp_engine(model)
+    try:
+        got = engine.generate(PROMPTS, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in reference]
+        assert sum(o.num_cached_tokens for o in got) > 0  # the prefix cache served some prompts
+        # Rank 0 holds its share of the KV cache: half the heads, or the one replicated head.
+        assert engine.runner.runner.k_cache.shape[2] == max(1, kv_heads // 2)
+        workers = list(engine.runner.workers)
+    finally:
+        engine.shutdown()
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_a_dead_tp_worker_ends_the_engine() -> None:
+    from lmfleet.engine import SamplingParams
+    from lmfleet.engine.executor import ExecutorDied
+
+    model = build_model(ModelConfig(**BASE, vocab_size=200, num_key_value_heads=2), seed=0)
+    engine = _tp_engine(model)
+    try:
+        worker = engine.runner.workers[0]
+        os.kill(worker.pid, 9)
+        worker.join(timeout=10)
+        with pytest.raises(ExecutorDied, match=f"pid {worker.pid}"):
+            engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        engine.shutdown()
+
+
+def test_tp_sizes_that_do_not_fit_the_model_are_refused_before_any_process_starts() -> None:
+    from lmfleet.engine import LLMEngine
+
+    model = build_model(ModelConfig(**BASE, vocab_size=200, num_key_value_heads=2), seed=0)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 does not divide num_attention_heads=4"):
+        LLMEngine(model, tensor_parallel_size=3, **ENGINE)
+
+
+def _tp_server(model_dir: Path, cwd: Path):
+    """`lmfleet serve --tensor-parallel-size 2`, healthy; returns the process and its URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(model_dir),
+                             "--tensor-parallel-size", "2", "--port", str(port), "--kv-cache-memory", "4MiB",
+                             "--served-model-name", "tp", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.3)
+
+
+def _workers(proc) -> list[psutil.Process]:
+    family = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in family if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_serve_with_tensor_parallelism_answers_and_a_dead_worker_stops_it(tokenizer, tmp_path) -> None:
+    """`lmfleet serve --tensor-parallel-size 2` answers the openai client with one process's
+    greedy text; SIGKILL to its worker: the next request gets a 5xx, the server exits 1 within
+    seconds and leaves no process behind."""
+    from lmfleet.engine import LLMEngine, SamplingParams
+
+    model_dir = chat_model_dir(tmp_path, tokenizer, 256, 21)
+    proc, url = _tp_server(model_dir, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+        ref = LLMEngine(model_dir, kv_cache_memory=4 * 2**20).generate(["The quick brown"],
+                                                                        SamplingParams(max_tokens=12, temperature=0))
+        answer = client.completions.create(model="tp", prompt="The quick brown", max_tokens=12, temperature=0)
+        assert answer.choices[0].text == ref[0].text
+        family = psutil.Process(proc.pid).children(recursive=True)
+        workers = _workers(proc)
+        assert len(workers) == 1, [p.cmdline() for p in family]
+        workers[0].kill()
+        failed = httpx.post(f"{url}/v1/completions", json={"model": "tp", "prompt": "x", "max_tokens": 8},
+                            timeout=30)
+        assert failed.status_code >= 500 and failed.json()["error"]["code"] == "engine_dead"
+        assert proc.wait(timeout=20) == 1
+        output = proc.stdout.read()
+        assert "error: the engine died" in output and "Traceback" not in output, output
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_tp_server_killed_outright_leaves_no_worker(tokenizer, tmp_path) -> None:
+    """SIGKILL to the server (rank 0): nothing of it can clean up, its worker still leaves."""
+    proc, _ = _tp_server(chat_model_dir(tmp_path, tokenizer, 256, 21), tmp_path)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert len(_workers(proc)) == 1
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]

@@ -134,6 +134,10 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; returns
     warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
     max_num_seqs = int(engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+    tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
+    if tp > 1:  # a replica is rank 0 plus tp - 1 worker processes beside it: it reserves for all of them
+        config = replace(config, cpus_per_replica=config.cpus_per_replica * tp,
+                         gpus_per_replica=config.gpus_per_replica * tp)
     llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
     connect(config.ray_address)
     existing = serve.status().applications.get(config.app_name)  # empty when Serve is not running

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 import uuid
@@ -126,11 +127,20 @@ class AsyncLLMEngine:
                 self.error = exc
                 for request_id in list(self._streams):
                     self._deliver(request_id, EngineDeadError(f"engine step failed: {exc!r}"))
+                self._shutdown_engine()
                 if self.on_death is not None:
                     self.on_death(exc)
                 return
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _shutdown_engine(self) -> None:
+        try:
+            shutdown = getattr(self.engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        except Exception:  # noqa: BLE001 - stopping what is left must not hide why the engine ended
+            logging.getLogger("lmfleet.engine").exception("stopping the engine's workers failed")
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> RequestStream:
@@ -180,5 +190,6 @@ class AsyncLLMEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._shutdown_engine()
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down before this request finished"))

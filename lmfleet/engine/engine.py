@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmfleet.engine.block_manager import BlockManager
+from lmfleet.engine.executor import ExecutorDied, TPExecutor
 from lmfleet.engine.params import SamplingParams
 from lmfleet.engine.runner import ModelRunner
 from lmfleet.engine.sampler import Sampler, SampleResult
@@ -117,8 +118,6 @@ class LLMEngine:
                  dtype: str | torch.dtype = "fp32", device: str = "auto", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool = False,
                  linear_method: str = "auto"):
-        if tensor_parallel_size != 1:
-            raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("block_size", block_size)):
             if value < 1:
@@ -138,12 +137,17 @@ class LLMEngine:
                 tokenizer = load_tokenizer(model)
         self.tokenizer = tokenizer
         config = self.model.config
+        from lmfleet.parallel.tensor_parallel import check_tp, tp_layout
+
+        check_tp(config, tensor_parallel_size)
+        self.tensor_parallel_size = tensor_parallel_size
+        kv_heads = tp_layout(config, tensor_parallel_size, 0).kv_heads  # per rank: its share of the cache
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_ids = set(config.eos_token_ids) | (set(tokenizer.stop_ids) if tokenizer else set())
         on_cuda = self.model.embed_tokens.weight.is_cuda
         if num_blocks is None:
             budget = kv_cache_memory or self._kv_budget(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
-            num_blocks = budget // ModelRunner.bytes_per_block(self.model, block_size)
+            num_blocks = budget // ModelRunner.bytes_per_block(self.model, block_size, kv_heads)
         if num_blocks < 1:
             raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory "
                               f"(or gpu_memory_utilization on CUDA), or give num_blocks")
@@ -162,8 +166,14 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         # CUDA graphs for decode-only steps on CUDA, unless enforce_eager: every shape captured now.
-        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, self.max_model_len,
-                                  cuda_graphs=on_cuda and not enforce_eager, linear_method=linear_method)
+        runner_kwargs = dict(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                             max_model_len=self.max_model_len, linear_method=linear_method,
+                             cuda_graphs=on_cuda and not enforce_eager and tensor_parallel_size == 1)
+        if tensor_parallel_size == 1:
+            self.runner: ModelRunner | TPExecutor = ModelRunner(self.model, **runner_kwargs)
+        else:
+            self.runner = TPExecutor(self.model, tensor_parallel_size, runner_kwargs,
+                                     model_dir=None if isinstance(model, Transformer) else model, dtype=dtype)
         self.runner.capture_graphs()
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Request] = {}
@@ -262,6 +272,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; nothing to do for one process)."""
+        if isinstance(self.runner, TPExecutor):
+            self.runner.shutdown()
+
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, update. A failure that belongs to one request (its
@@ -278,6 +293,8 @@ class LLMEngine:
         try:
             meta, index = prepare_step(batch, self.runner.sort_decodes)
             logits = self.runner.execute(meta)
+        except ExecutorDied:  # no step can run any more: the engine ends (a server exits non-zero)
+            raise
         except Exception as exc:  # noqa: BLE001 - fail the step's requests, not the engine
             log.exception("the model step failed; failing its %d sequences", len(batch.seqs))
             outputs += [self._fail(rid, exc) for rid in dict.fromkeys(seq.request_id for seq in batch.seqs)]

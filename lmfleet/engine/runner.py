@@ -23,7 +23,8 @@ class ModelRunner:
     up to `max_num_seqs` sequences replay CUDA graphs (CUDA only), all captured by `capture_graphs()`."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, cuda_graphs: bool = False, linear_method: str = "auto"):
+                 max_model_len: int | None = None, cuda_graphs: bool = False, linear_method: str = "auto",
+                 kv_heads: int | None = None):
         model.fuse_projections()
         apply_linear_method(model, linear_method, max_rows=max_num_seqs)
         self.model = model
@@ -33,7 +34,9 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         model.rope.precompute(self.device, self.dtype)  # steps look cos/sin up instead of computing them
         # One block more than the pool hands out: the scratch block padding rows write to.
-        shape = (cfg.num_hidden_layers, (num_blocks + 1) * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # `kv_heads`: this rank's KV heads under tensor parallelism (all of them otherwise).
+        shape = (cfg.num_hidden_layers, (num_blocks + 1) * block_size, kv_heads or cfg.num_key_value_heads,
+                 cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.scratch_slot = num_blocks * block_size
@@ -53,10 +56,10 @@ class ModelRunner:
         return self.max_decode_groups > 1
 
     @staticmethod
-    def bytes_per_block(model: Transformer, block_size: int) -> int:
+    def bytes_per_block(model: Transformer, block_size: int, kv_heads: int | None = None) -> int:
         cfg = model.config
         itemsize = model.embed_tokens.weight.element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        return 2 * cfg.num_hidden_layers * block_size * (kv_heads or cfg.num_key_value_heads) * cfg.head_dim * itemsize
 
     def capture_graphs(self) -> None:
         """Capture every decode graph now (start-up), not on first use."""
