@@ -4,6 +4,7 @@ folder on the import path)."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import httpx
@@ -13,6 +14,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM a server this script started and wait for it; SIGKILL after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_healthy(url: str, timeout: float = 180) -> None:

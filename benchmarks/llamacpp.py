@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from common import free_port, wait_healthy
+from common import free_port, stop, wait_healthy
 
 
 def binary(folder: str | Path, name: str) -> str:
@@ -34,11 +34,7 @@ def llama_server(folder: str | Path, gguf: str | Path, threads: int, slots: int,
         wait_healthy(url, timeout=120)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
         log.close()
 
 

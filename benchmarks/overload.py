@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from common import free_port, wait_healthy
+from common import free_port, stop, wait_healthy
 
 from lmfleet.serve import ServeSettings
 
@@ -90,12 +90,7 @@ def single_server(model: str, port: int, max_num_seqs: int, max_queued: int):
     try:
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import free_port, wait_healthy
+from common import free_port, stop, wait_healthy
 
 from lmfleet.serve.bench import BenchConfig, run_benchmark
 
@@ -115,8 +115,7 @@ def main() -> None:
             mine.append(ours(url, args))
             guide.append(theirs(url, args, tmp / f"guidellm-{i}.json"))
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server)
     a, b = best(mine), best(guide)
     load = f"Poisson arrivals at {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
     print(f"server CPUs {args.server_cpus or 'all'}, client CPUs {args.client_cpus or 'all'}; {args.num_prompts} "

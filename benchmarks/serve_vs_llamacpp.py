@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import free_port, random_model, wait_healthy
+from common import free_port, random_model, stop, wait_healthy
 from llamacpp import llama_server
 
 from lmfleet.model.gguf_export import export_gguf
@@ -40,8 +40,7 @@ def lmfleet_server(model_dir: Path, name: str, max_num_seqs: int, log_path: Path
         wait_healthy(url, timeout=180)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
         log.close()
 
 

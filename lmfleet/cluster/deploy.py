@@ -26,12 +26,12 @@ from lmfleet.serve.auth import KeyChecker
 from lmfleet.serve.frontend import ServeSettings
 
 APP_NAME = "lmfleet"
+DEFAULT_MAX_NUM_SEQS = 64  # the engine's default, when engine_kwargs leave it out
+PROBE_SLOTS = 64  # ingress slots beyond every replica's and the queue's, for /health and /metrics
 
 
 class AppAlreadyRunning(ConfigError):
     """The Ray cluster already serves an application of that name: it is left alone."""
-DEFAULT_MAX_NUM_SEQS = 64  # the engine's default, when engine_kwargs leave it out
-PROBE_SLOTS = 64  # ingress slots beyond every replica's and the queue's, for /health and /metrics
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

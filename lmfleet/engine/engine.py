@@ -26,6 +26,7 @@ from lmfleet.errors import ConfigError
 from lmfleet.model.checkpoint import resolve_device
 from lmfleet.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from lmfleet.model.transformer import Transformer
+from lmfleet.parallel.tensor_parallel import check_tp, tp_layout
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ class LLMEngine:
                 tokenizer = load_tokenizer(model)
         self.tokenizer = tokenizer
         config = self.model.config
-        from lmfleet.parallel.tensor_parallel import check_tp, tp_layout
-
         check_tp(config, tensor_parallel_size)
         self.tensor_parallel_size = tensor_parallel_size
         kv_heads = tp_layout(config, tensor_parallel_size, 0).kv_heads  # per rank: its share of the cache

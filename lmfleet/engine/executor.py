@@ -163,9 +163,9 @@ class TPExecutor:
         try:
             dist.broadcast_object_list([meta], src=0)
             return self.runner.execute(meta)
-        except Exception as exc:
+        except Exception:
             self._check_workers()  # a dead worker explains it: ExecutorDied
-            raise exc
+            raise
 
     def shutdown(self) -> None:
         """Stop the workers (asked, then terminated) and leave the process group; idempotent."""

@@ -48,8 +48,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-
-
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 

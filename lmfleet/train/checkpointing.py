@@ -43,16 +43,18 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _entries(run_dir: str | Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
+    """The directories under checkpoints/ whose names match `pattern`, by name."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return [(match, path) for path in sorted(root.iterdir())
+            if (match := pattern.match(path.name)) is not None and path.is_dir()]
+
+
 def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every `step_<N>` directory, complete or not, oldest first."""
-    root = checkpoint_root(run_dir)
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            match = STEP_DIR.match(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((int(match.group(1)), path) for match, path in _entries(run_dir, STEP_DIR))
 
 
 def _sha256(path: Path) -> str:
@@ -128,14 +130,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def unrenamed_saves(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of each complete `.step_<N>.tmp` whose rename into place never happened."""
-    root = checkpoint_root(run_dir)
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            match = STALE_DIR.match(path.name)
-            if match and match.group(2) == "tmp" and problem(path) is None:
-                found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((int(match.group(1)), path) for match, path in _entries(run_dir, STALE_DIR)
+                  if match.group(2) == "tmp" and problem(path) is None)
 
 
 def remove_stale(run_dir: str | Path) -> list[Path]:
@@ -144,12 +140,7 @@ def remove_stale(run_dir: str | Path) -> list[Path]:
     what was deleted. Only call it while no save runs (at the start of an attempt, on one rank)."""
     root = checkpoint_root(run_dir)
     removed = []
-    if not root.is_dir():
-        return removed
-    for path in sorted(root.iterdir()):
-        match = STALE_DIR.match(path.name)
-        if match is None:
-            continue
+    for match, path in _entries(run_dir, STALE_DIR):
         final = root / f"step_{match.group(1)}"
         if match.group(2) == "tmp" and not final.exists() and problem(path) is None:
             try:  # the crash came between moving the old one aside and this rename
