@@ -694,12 +694,12 @@ def test_killing_a_replica_under_load_loses_no_request(model_dir, cluster) -> No
 
 
 def test_overload_is_answered_429_at_once_not_queued(model_dir, cluster) -> None:
-    """One replica at the default --max-num-seqs 64 and --max-queued-requests 4: of 100 requests
-    arriving together at most 68 are held, the excess is refused at once with an OpenAI-shaped
-    429 and Retry-After, not queued until a 504 (the replica itself never sees more than 64, so
-    it has no queue of its own to refuse from)."""
+    """One slow replica (--max-num-seqs 8, 160 tokens per request) and --max-queued-requests 4:
+    of 40 requests arriving together at most 12 are held, the excess is refused at once with an
+    OpenAI-shaped 429 and Retry-After, not queued until a 504 (the replica itself never sees more
+    than 8, so it has no queue of its own to refuse from)."""
     url = deploy(model_dir, cluster, replicas=1, cpus_per_replica=1, settings=ServeSettings(NAME, max_queued_requests=4),
-                 engine_kwargs={"kv_cache_memory": 8 * 2**20})
+                 engine_kwargs={"kv_cache_memory": 8 * 2**20, "max_num_seqs": 8})
 
     async def flood() -> list[tuple[httpx.Response, float]]:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=128)) as client:
@@ -710,13 +710,13 @@ def test_overload_is_answered_429_at_once_not_queued(model_dir, cluster) -> None
                 response = await client.post(f"{url}/v1/completions", json=body)
                 return response, time.monotonic() - start
 
-            return await asyncio.gather(*(one(i) for i in range(100)))
+            return await asyncio.gather(*(one(i) for i in range(40)))
 
     results = asyncio.run(flood())
     served = [t for r, t in results if r.status_code == 200]
     refused = [(r, t) for r, t in results if r.status_code == 429]
-    assert len(served) + len(refused) == 100, sorted({r.status_code for r, _ in results})
-    assert len(refused) >= 100 - (64 + 4), len(refused)
+    assert len(served) + len(refused) == 40, sorted({r.status_code for r, _ in results})
+    assert len(refused) >= 40 - (8 + 4), len(refused)
     for response, took in refused:
         error = response.json()["error"]
         assert error["code"] == "queue_full" and set(error) == {"message", "type", "param", "code"}, error
