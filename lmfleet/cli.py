@@ -209,9 +209,16 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in steps.")] = None,
     nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
-    nnodes: Annotated[int, typer.Option(help="Nodes taking part (multi-node needs --rdzv-endpoint).")] = 1,
+    nnodes: Annotated[str, typer.Option(help="Nodes taking part, N or MIN:MAX (elastic: nodes may leave down to "
+                                        "MIN and join up to MAX; the group restarts at the new size from the "
+                                        "last checkpoint). More than one needs --rdzv-endpoint.")] = "1",
     node_rank: Annotated[int | None, typer.Option(help="This node's rank (multi-node).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")] = None,
+    rdzv_conf: Annotated[str | None, typer.Option(help="torchrun's rendezvous settings, e.g. "
+                                                  "last_call_timeout=10,join_timeout=300.")] = None,
+    tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel degree (overrides [parallel] tp).")] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="Pipeline-parallel degree (overrides [parallel] pp).")] = None,
+    pp_schedule: Annotated[str | None, typer.Option(help="1f1b or gpipe (overrides [parallel] pp_schedule).")] = None,
     max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure; "
                                               "workers resume from the latest checkpoint.")] = 0,
     strategy: Annotated[str | None, typer.Option(help="ddp, fsdp or diloco (overrides [train] strategy).")] = None,
@@ -223,17 +230,21 @@ def train(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: "
                                                            "section.key=value, e.g. optim.lr=1e-3.")] = None,
 ) -> None:
-    """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes."""
+    """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes, tensor and
+    pipeline parallel (--tp, --pp) with data parallel over the rest."""
     from lmfleet.train import LaunchSpec, TrainConfig, launch
+    from lmfleet.train.launch import parse_nnodes
 
     fields = _parse_overrides(overrides or [])
     for key, value in (("data.dir", data), ("train.out_dir", out_dir), ("train.steps", steps),
-                       ("checkpoint.every", checkpoint_every), ("train.strategy", strategy)):
+                       ("checkpoint.every", checkpoint_every), ("train.strategy", strategy),
+                       ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.pp_schedule", pp_schedule)):
         if value is not None:
             fields[key] = str(value) if isinstance(value, Path) else value
     config = TrainConfig.load(config_path).apply_overrides(fields)
-    spec = LaunchSpec(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                      max_restarts=max_restarts, resume=resume, allow_new_data=allow_new_data,
+    min_nodes, max_nodes = parse_nnodes(nnodes)
+    spec = LaunchSpec(nproc=nproc, nnodes=min_nodes, max_nnodes=max_nodes, node_rank=node_rank,
+                      rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf, max_restarts=max_restarts, resume=resume, allow_new_data=allow_new_data,
                       checkpoint_on_sigterm=checkpoint_on_sigterm)
     summary = launch(config, spec)
     if summary.get("stopped_at") is not None:

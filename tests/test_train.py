@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.toml"
 STEPS, CKPT = 12, 6
 FP64 = ("--set", "train.precision=fp64")
+UNTIED = ("--set", "model.tie_word_embeddings=false")  # a pipeline keeps embedding and LM head apart
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +301,7 @@ def test_plot_writes_png(ddp_run) -> None:
     assert width > 400 and height > 300
 
 
-def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, tmp_path) -> None:
+def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, diloco_run, tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.read_text().replace("[optim]\n", "[optim]\nlearning_rate = 1.0\n"))
     result = run_cli("train", str(bad), "--data", str(corpus), "--out", str(tmp_path / "r1"))
@@ -318,9 +319,200 @@ def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, tmp_path) -
     shutil.copytree(ddp_run, copy)
     base = ["train", str(CONFIG), "--data", str(corpus), "--out", str(copy), "--set", "batch.micro_batch=4",
             "--steps", str(STEPS), "--resume"]
-    assert_one_line_error(run_cli(*base, "--nproc", "1"), "written by 2 processes, this run has 1")
     assert_one_line_error(run_cli(*base, "--nproc", "2", "--set", "model.num_hidden_layers=2"),
                     "num_hidden_layers (4 vs 2)")
     assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(copy)),
                     "already holds checkpoints")
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_12", "step_6"]
+    # A DiLoCo run resumes only at its own world size (each rank's replica is its own).
+    copy = tmp_path / "diloco"
+    shutil.copytree(diloco_run, copy)
+    assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(copy), "--resume",
+                                  "--set", "batch.micro_batch=8", "--strategy", "diloco", "--steps", str(STEPS)),
+                          "written by 2 processes, this run has 1", "DiLoCo")
+    # Model-parallel degrees the model or the world size cannot take, refused before any worker.
+    one_head = ["--set", "model.num_attention_heads=1", "--set", "model.num_key_value_heads=1"]
+    for args, needle in [(["--nproc", "2", "--tp", "2", *one_head], "does not divide num_attention_heads=1"),
+                         (["--nproc", "2", "--pp", "2"], "tie_word_embeddings=true"),
+                         (["--nproc", "2", "--pp", "2", "--set", "model.num_hidden_layers=1", *UNTIED],
+                          "pp=2 is larger than num_hidden_layers=1"),
+                         (["--nproc", "1", "--tp", "2"], "world size 1 is not a multiple of parallel.tp x parallel.pp"),
+                         (["--nproc", "2", "--tp", "2", "--strategy", "fsdp"], "runs with strategy 'ddp'"),
+                         (["--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1"], "needs batch.global_batch"),
+                         (["--nnodes", "2:1"], "need 1 <= MIN <= MAX")]:
+        out = tmp_path / "mp"
+        assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(out), *args), needle)
+        assert not out.exists()
+
+
+# ---- model parallelism and elastic training -------------------------------------------------------
+# Short float64 runs with an untied LM head, 8 sequences per step: one process (micro-batch 4, two
+# accumulation steps) against TP=2 (one data-parallel rank) and PP=2 (two micro-batches).
+
+MP_STEPS, MP_CKPT = 6, 3
+MP = (*FP64, *UNTIED, "--steps", str(MP_STEPS), "--checkpoint-every", str(MP_CKPT), "--set", "eval.every=3",
+      "--set", "batch.grad_accum=2")
+
+
+@pytest.fixture(scope="module")
+def mp_single(corpus, runs) -> Path:
+    ok(train(corpus, runs / "mp-single", *MP, nproc=1))
+    return runs / "mp-single"
+
+
+@pytest.fixture(scope="module")
+def tp_run(corpus, runs) -> Path:
+    ok(train(corpus, runs / "mp-tp2", *MP, "--tp", "2"))
+    return runs / "mp-tp2"
+
+
+@pytest.fixture(scope="module")
+def pp_run(corpus, runs) -> Path:
+    ok(train(corpus, runs / "mp-pp2", *MP, "--pp", "2"))
+    return runs / "mp-pp2"
+
+
+def eval_losses(run: Path) -> list[float]:
+    return [r["val_loss"] for r in records(run, "eval")]
+
+
+def assert_same_training(run: Path, reference: Path, tol: float) -> None:
+    """Every step's loss and every evaluation within `tol`; exported weights too."""
+    losses, expected = train_losses(run), train_losses(reference)
+    assert sorted(losses) == sorted(expected)
+    assert all(abs(losses[s] - expected[s]) <= tol for s in expected), (losses, expected)
+    assert len(eval_losses(run)) == len(eval_losses(reference))
+    assert all(abs(a - b) <= tol for a, b in zip(eval_losses(run), eval_losses(reference)))
+    assert max_diff(weights(run), weights(reference)) <= tol
+
+
+def test_tensor_parallel_training_equals_one_process(tp_run, mp_single) -> None:
+    assert read_meta(complete_checkpoints(tp_run)[-1][1])["parallel"] == {"dp": 1, "tp": 2, "pp": 1}
+    assert_same_training(tp_run, mp_single, 1e-10)
+    assert load_model(tp_run / "final").config.num_attention_heads == 4  # one ordinary, whole model
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_pipeline_training_equals_one_process(schedule, corpus, runs, pp_run, mp_single) -> None:
+    run = pp_run if schedule == "1f1b" else runs / "mp-pp2-gpipe"
+    if schedule != "1f1b":
+        ok(train(corpus, run, *MP, "--pp", "2", "--pp-schedule", schedule))
+    assert read_meta(complete_checkpoints(run)[-1][1])["parallel"] == {"dp": 1, "tp": 1, "pp": 2}
+    assert_same_training(run, mp_single, 1e-10)
+
+
+def test_pipeline_resume_is_exact(corpus, runs, pp_run) -> None:
+    out = runs / "mp-pp2-resume"
+    stopped = train(corpus, out, *MP, "--pp", "2", env={"LMFLEET_FAULT_STEP": "4", "LMFLEET_FAULT_RANK": "1"})
+    assert stopped.returncode != 0
+    assert [s for s, _ in complete_checkpoints(out)] == [MP_CKPT]
+    ok(train(corpus, out, *MP, "--pp", "2", "--resume"))
+    assert bit_identical(weights(out), weights(pp_run))
+    assert train_losses(out) == train_losses(pp_run)
+
+
+def test_checkpoints_reshard_between_tp2_and_one_process(corpus, runs, tp_run, mp_single) -> None:
+    """A TP=2 checkpoint resumed by one process, and a one-process checkpoint resumed at TP=2: DCP
+    reshards model and optimizer state; both end where the uninterrupted one-process run did."""
+    for source, name, args, nproc in [(tp_run, "tp2-to-1", (), 1), (mp_single, "1-to-tp2", ("--tp", "2"), 2)]:
+        out = runs / f"mp-{name}"
+        shutil.copytree(source, out)
+        shutil.rmtree(out / "final")
+        shutil.rmtree(out / "checkpoints" / f"step_{MP_STEPS}")
+        result = train(corpus, out, *MP, *args, "--resume", nproc=nproc)
+        ok(result)
+        assert f"resuming from {out / 'checkpoints' / f'step_{MP_CKPT}'}" in result.stderr
+        tp = 2 if args else 1
+        assert read_meta(complete_checkpoints(out)[-1][1])["parallel"] == {"dp": 1, "tp": tp, "pp": 1}
+        assert_same_training(out, mp_single, 1e-10)
+
+
+def test_resume_at_another_world_size_keeps_the_global_batch(corpus, runs, ddp64_run) -> None:
+    """A 2-process checkpoint resumed by 1 process (grad_accum 2 instead of 1), and a 1-process
+    checkpoint resumed by 2: both end on the uninterrupted 2-process run's weights."""
+    for name, nproc, source in [("2-to-1", 1, None), ("1-to-2", 2, "1proc")]:
+        out = runs / f"elastic-{name}"
+        if source is None:
+            shutil.copytree(ddp64_run, out)
+        else:  # one process, 8 sequences per step in 2 micro-steps of 4, stopped for good at step CKPT
+            stopped = train(corpus, out, *FP64, "--set", "batch.grad_accum=2", nproc=1,
+                            env={"LMFLEET_SIGTERM_STEP": str(CKPT)})
+            ok(stopped)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        shutil.rmtree(out / "checkpoints" / f"step_{STEPS}", ignore_errors=True)
+        ok(train(corpus, out, *FP64, "--resume", nproc=nproc))
+        starts = records(out, "start")
+        assert starts[-1]["resumed_from"] == f"step_{CKPT}" and starts[-1]["world_size"] == nproc
+        assert read_meta(complete_checkpoints(out)[-1][1])["global_batch"] == 8
+        assert max_diff(weights(out), weights(ddp64_run)) <= 1e-10
+        assert all(abs(a - b) <= 1e-10 for a, b in zip(train_losses(out).values(), train_losses(ddp64_run).values()))
+
+
+def test_loader_sees_every_sample_once_per_epoch_across_world_sizes(corpus) -> None:
+    """Steps 0..k-1 on 2 ranks, then k.. on 1 rank with twice the accumulation: the windows the
+    loader hands out cover each epoch exactly once, and match what one process would read."""
+    from lmfleet.data.loader import TokenLoader
+
+    c = Corpus(corpus)
+    two = [TokenLoader(c, seq_len=16, micro_batch=3, grad_accum=1, rank=r, world_size=2, seed=5) for r in range(2)]
+    one = TokenLoader(c, seq_len=16, micro_batch=3, grad_accum=2, seed=5)
+    epoch = one.num_windows
+    steps = 2 * epoch // one.global_batch  # two epochs' worth
+    switch = steps // 3
+    seen = [i for step in range(switch) for loader in two for i in loader.sample_indices(step, 0)]
+    seen += [i for step in range(switch, steps) for micro in range(2) for i in one.sample_indices(step, micro)]
+    assert len(seen) == steps * 6
+    for e in range(2):
+        in_epoch = seen[e * epoch:(e + 1) * epoch]
+        assert sorted(in_epoch) == list(range(epoch)), f"epoch {e}: repeated or skipped windows"
+    reference = [i for step in range(steps) for micro in range(2) for i in one.sample_indices(step, micro)]
+    assert seen == reference
+
+
+def test_elastic_node_leaves_and_the_other_continues(corpus, runs, ddp64_run) -> None:
+    """--nnodes 1:2 on one rendezvous, two local 'nodes' of one process each. When the second
+    node dies (its agent and its worker, SIGKILL) after the step-6 checkpoint, the first node's
+    group restarts at world size 1 from that checkpoint, with grad_accum 2 keeping the global
+    batch of 8, and ends on the uninterrupted 2-process run's weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from .helpers import free_port
+
+    out = runs / "elastic-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "lmfleet.cli", "train", str(CONFIG), "--data", str(corpus), "--out", str(out),
+           "--steps", str(STEPS), "--checkpoint-every", str(CKPT), "--nproc", "1", "--nnodes", "1:2",
+           "--rdzv-endpoint", endpoint, "--rdzv-conf", "last_call_timeout=2", "--max-restarts", "3",
+           "--set", "batch.micro_batch=4", "--set", "batch.global_batch=8", "--set", "eval.every=6", *FP64]
+    env = {**os.environ, "LMFLEET_RDZV_ID": f"elastic-{os.getpid()}"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)  # the first node hosts the rendezvous store
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / f"step_{CKPT}").exists():
+            assert time.monotonic() < deadline and first.poll() is None and second.poll() is None
+            time.sleep(0.1)
+        node = psutil.Process(second.pid)
+        for proc in [*node.children(recursive=True), node]:  # the node goes: agent and worker
+            proc.send_signal(signal.SIGKILL)
+        second.wait(10)
+        stdout, stderr = first.communicate(timeout=240)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert first.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    starts = records(out, "start")
+    assert [s["world_size"] for s in starts] == [2, 1]
+    assert starts[-1]["resumed_from"] is not None and int(starts[-1]["resumed_from"].split("_")[1]) >= CKPT
+    meta = read_meta(complete_checkpoints(out)[-1][1])
+    assert (meta["step"], meta["world_size"], meta["global_batch"]) == (STEPS, 1, 8)
+    assert max_diff(weights(out), weights(ddp64_run)) <= 1e-10

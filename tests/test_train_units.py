@@ -37,8 +37,21 @@ def test_config_rejects_unknown_and_mistyped_keys() -> None:
     config = TrainConfig.from_dict({"batch": {"micro_batch": 4, "global_batch": 24}, "data": {"dir": "x"}})
     config.validate(world_size=3)
     assert config.batch.grad_accum == 2
-    with pytest.raises(ConfigError, match="not a multiple of micro_batch 4 x world size 4"):
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch 4 x data-parallel ranks 4"):
         TrainConfig.from_dict({"batch": {"micro_batch": 4, "global_batch": 24}, "data": {"dir": "x"}}).validate(4)
+    # With tp=2 the 4 processes are 2 data-parallel ranks: 24 = 4 x 3 x 2.
+    tp2 = TrainConfig.from_dict({"batch": {"micro_batch": 4, "global_batch": 24}, "parallel": {"tp": 2},
+                                 "data": {"dir": "x"}})
+    tp2.validate(4)
+    assert tp2.batch.grad_accum == 3
+    with pytest.raises(ConfigError, match=r"world size 3 is not a multiple of parallel.tp x parallel.pp = 2 x 1"):
+        tp2.validate(3)
+    with pytest.raises(ConfigError, match="tensor and pipeline parallelism are not combined yet"):
+        TrainConfig.from_dict({"parallel": {"tp": 2, "pp": 2}, "data": {"dir": "x"}}).validate()
+    with pytest.raises(ConfigError, match="model parallelism runs with strategy 'ddp'"):
+        TrainConfig.from_dict({"parallel": {"pp": 2}, "train": {"strategy": "fsdp"}, "data": {"dir": "x"}}).validate()
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule='zb' is not one of \['1f1b', 'gpipe'\]"):
+        TrainConfig.from_dict({"parallel": {"pp_schedule": "zb"}, "data": {"dir": "x"}}).validate()
     overridden = config.apply_overrides({"optim.lr": 1, "model.num_hidden_layers": 2, "model.flavor": "tiny"})
     assert overridden.optim.lr == 1.0 and isinstance(overridden.optim.lr, float)
     assert overridden.model.flavor == "tiny" and overridden.model.overrides == {"num_hidden_layers": 2}

@@ -21,7 +21,8 @@ def evaluate_perplexity(model: torch.nn.Module, corpus: Corpus, seq_len: int = 2
     """Mean next-token loss and perplexity over the first `max_tokens` targets of a split.
 
     With `world_size` > 1 each rank scores every world_size-th window and `all_reduce` sums the
-    totals (every rank must call it, e.g. under FSDP where the forward itself is collective).
+    totals (every rank must call it, e.g. under FSDP where the forward itself is collective). A
+    `model` that returns None on this rank scores nothing here.
     """
     device = next(model.parameters()).device
     windows = eval_windows(corpus, seq_len, max_tokens, split)
@@ -36,6 +37,8 @@ def evaluate_perplexity(model: torch.nn.Module, corpus: Corpus, seq_len: int = 2
         ids = torch.from_numpy(window).to(device)[None]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(ids[:, :-1])
+        if logits is None:  # a rank that only passes activations on (a pipeline's earlier stages)
+            continue
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         if index < len(windows):
             totals += torch.stack([loss.double(), torch.tensor(ids.shape[1] - 1, dtype=torch.float64,

@@ -4,7 +4,8 @@ The train split is cut into non-overlapping windows of `seq_len + 1` tokens. Eac
 every window once in an order drawn from (seed, epoch). Step `s` consumes global samples
 `s * global_batch ... (s + 1) * global_batch - 1`; rank `r` of `W` takes the `r`-th contiguous slice,
 split into micro-batches. The global token stream therefore does not depend on the number of
-ranks: one process with batch 2b sees exactly what two processes with batch b see together.
+ranks: one process with batch 2b sees exactly what two processes with batch b see together, and
+a run resumed at another world size with the same global batch continues the same stream.
 """
 
 from __future__ import annotations
@@ -50,15 +51,19 @@ class TokenLoader:
             self._epoch = epoch
         return self._order
 
-    def _window(self, sample: int) -> np.ndarray:
-        epoch, index = divmod(sample, self.num_windows)
-        shard, start = self.windows[self._order_for(epoch)[index]]
-        return np.asarray(self.shards[shard][start:start + self.seq_len + 1], dtype=np.int64)
+    def sample_indices(self, step: int, micro: int) -> list[int]:
+        """The windows (indices into the train split's windows) of one micro-step on this rank."""
+        first = step * self.global_batch + (self.rank * self.grad_accum + micro) * self.micro_batch
+        indices = []
+        for sample in range(first, first + self.micro_batch):
+            epoch, index = divmod(sample, self.num_windows)
+            indices.append(int(self._order_for(epoch)[index]))
+        return indices
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets [micro_batch, seq_len] of one micro-step of one optimizer step."""
-        first = step * self.global_batch + (self.rank * self.grad_accum + micro) * self.micro_batch
-        rows = np.stack([self._window(first + i) for i in range(self.micro_batch)])
+        rows = np.stack([np.asarray(self.shards[shard][start:start + self.seq_len + 1], dtype=np.int64)
+                         for shard, start in self.windows[self.sample_indices(step, micro)]])
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
 

@@ -59,3 +59,43 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How the launched processes divide the work: dp x tp x pp = world size.
+
+    The device mesh is laid out (pp, dp, tp), tp innermost: a TP group is consecutive ranks (one
+    node's devices, where its per-layer all-reduces are cheapest), pipeline stages outermost."""
+
+    dp: int
+    tp: int = 1
+    pp: int = 1
+
+    @classmethod
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1) -> ParallelDims:
+        from lmfleet.errors import ConfigError
+
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"tp={tp} and pp={pp} must be >= 1")
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}")
+        return cls(world_size // (tp * pp), tp, pp)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp > 1 or self.pp > 1
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along each mesh dimension."""
+        return {"pp": rank // (self.dp * self.tp), "dp": rank // self.tp % self.dp, "tp": rank % self.tp}
+
+    def build_mesh(self, device_type: str):  # noqa: ANN201 (DeviceMesh, imported late)
+        """The DeviceMesh over the initialised process group, dimensions named pp, dp, tp."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))

@@ -36,7 +36,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 STALE_DIR = re.compile(r"^\.step_(\d+)\.(tmp|old)$")
 META = "meta.json"
 MANIFEST = "manifest.json"
-FORMAT = "lmfleet-checkpoint/1"
+# 2: optimizer state keyed by parameter name (any TP/PP/DP layout reads it back).
+FORMAT = "lmfleet-checkpoint/2"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -76,6 +77,8 @@ def problem(path: str | Path, verify_hashes: bool = False) -> str | None:
         return f"no {MANIFEST} (its save did not finish, or it predates checkpoint manifests)"
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return f"unreadable {MANIFEST}: {exc}"
+    if manifest.get("format") != FORMAT:
+        return f"written in format {manifest.get('format')!r}; this lmfleet reads {FORMAT!r}"
     for name, entry in sorted(files.items()):
         file = path / name
         if not file.is_file():
@@ -242,8 +245,12 @@ def _prune(run_dir: str | Path, newest: int, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None) -> dict[str, Any]:
-    """Fill `sharded` in place from the checkpoint and return this rank's local state."""
+def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None,
+                    same_world: bool = False) -> dict[str, Any]:
+    """Fill `sharded` in place from the checkpoint (DCP reshards it to this run's layout) and
+    return this rank's local state. A run on another world size has ranks the checkpoint did not:
+    they take rank 0's, which holds what every rank's does (the loader's global step, counters),
+    unless `same_world` (per-rank state that cannot be shared, such as DiLoCo's replicas)."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
@@ -251,6 +258,8 @@ def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None)
     if why is not None:
         raise LmfleetError(f"checkpoint {path} is incomplete: {why}")
     local_path = path / f"rank_{rank}.pt"
+    if not local_path.is_file() and not same_world:
+        local_path = path / "rank_0.pt"
     if not local_path.is_file():
         raise LmfleetError(f"checkpoint {path} has no rank_{rank}.pt: it was written by "
                            f"{read_meta(path).get('world_size')} processes")
@@ -260,12 +269,16 @@ def load_checkpoint(path: str | Path, rank: int, sharded: dict[str, Any] | None)
 
 
 def check_resumable(path: str | Path, world_size: int, strategy: str, model_config: dict[str, Any],
-                    seq_len: int, global_batch: int) -> dict[str, Any]:
-    """Refuse, before any worker starts, a resume the checkpoint cannot serve."""
+                    seq_len: int, global_batch: int | None) -> dict[str, Any]:
+    """Refuse, before any worker starts, a resume the checkpoint cannot serve. Another world size
+    or another tp/pp layout is fine (DCP reshards model and optimizer, the loader re-splits the
+    same global batch) except for DiLoCo, whose replicas are per rank. `global_batch` None: the
+    run takes the checkpoint's."""
     meta = read_meta(path)
     problems = []
-    if meta.get("world_size") != world_size:
-        problems.append(f"it was written by {meta.get('world_size')} processes, this run has {world_size}")
+    if strategy == "diloco" and meta.get("world_size") != world_size:
+        problems.append(f"it was written by {meta.get('world_size')} processes, this run has {world_size} "
+                        "(a DiLoCo run resumes only at its own world size: each rank's replica is its own)")
     if meta.get("strategy") != strategy:
         problems.append(f"it used strategy {meta.get('strategy')!r}, this run uses {strategy!r}")
     saved = meta.get("model_config", {})
@@ -273,7 +286,7 @@ def check_resumable(path: str | Path, world_size: int, strategy: str, model_conf
     if diff:
         problems.append("its model differs in " + ", ".join(f"{k} ({saved.get(k)} vs {model_config.get(k)})"
                                                             for k in diff))
-    if meta.get("seq_len") != seq_len or meta.get("global_batch") != global_batch:
+    if meta.get("seq_len") != seq_len or global_batch not in (None, meta.get("global_batch")):
         problems.append(f"its batch was {meta.get('global_batch')} x {meta.get('seq_len')} tokens, this run's is "
                         f"{global_batch} x {seq_len}")
     if problems:

@@ -17,6 +17,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STRATEGIES = ("ddp", "fsdp", "diloco")
+PP_SCHEDULES = ("1f1b", "gpipe")
 # fp64: parameters, gradients, optimizer state and the loss in float64 (runs that must agree to
 # rounding whatever the CPU's kernels, e.g. DDP against one process); bf16: autocast over fp32 weights.
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -90,6 +91,14 @@ class DilocoSection:
     outer_momentum: float = 0.9
 
 
+@dataclass
+class ParallelSection:
+    # Model-parallel degrees; data parallelism takes the rest: dp = world size / (tp * pp).
+    tp: int = 1  # tensor parallel: q/k/v, gate/up split by output, o/down by input features
+    pp: int = 1  # pipeline parallel: stages of consecutive layers, micro-batches = batch.grad_accum
+    pp_schedule: str = "1f1b"  # or "gpipe"
+
+
 def _check_type(name: str, value: Any, section_cls: type, key: str) -> Any:
     """Values must have the type of the field's default (ints are accepted for floats)."""
     default = next(f for f in dataclasses.fields(section_cls) if f.name == key).default
@@ -113,7 +122,7 @@ def _check_type(name: str, value: Any, section_cls: type, key: str) -> Any:
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
             "schedule": ScheduleSection, "train": TrainSection, "eval": EvalSection,
-            "checkpoint": CheckpointSection, "diloco": DilocoSection}
+            "checkpoint": CheckpointSection, "diloco": DilocoSection, "parallel": ParallelSection}
 
 
 @dataclass
@@ -127,6 +136,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def validate(self, world_size: int | None = None) -> None:
         """Check every value; with `world_size`, also derive and check the batch split."""
@@ -134,7 +144,8 @@ class TrainConfig:
                     ("batch.grad_accum", self.batch.grad_accum), ("train.steps", self.train.steps),
                     ("train.log_every", self.train.log_every), ("eval.tokens", self.eval.tokens),
                     ("checkpoint.keep_last", self.checkpoint.keep_last),
-                    ("diloco.inner_steps", self.diloco.inner_steps)]
+                    ("diloco.inner_steps", self.diloco.inner_steps), ("parallel.tp", self.parallel.tp),
+                    ("parallel.pp", self.parallel.pp)]
         for name, value in positive:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -154,24 +165,42 @@ class TrainConfig:
             raise ConfigError(f"train.strategy={self.train.strategy!r} is not one of {list(STRATEGIES)}")
         if self.train.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.train.precision!r} is not one of {list(PRECISIONS)}")
+        if self.parallel.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={self.parallel.pp_schedule!r} is not one of {list(PP_SCHEDULES)}")
+        if self.parallel.tp > 1 and self.parallel.pp > 1:
+            raise ConfigError(f"parallel.tp={self.parallel.tp} with parallel.pp={self.parallel.pp}: tensor and pipeline "
+                              "parallelism are not combined yet; use one of them (each combines with data parallel)")
+        if (self.parallel.tp > 1 or self.parallel.pp > 1) and self.train.strategy != "ddp":
+            raise ConfigError(f"train.strategy={self.train.strategy!r} with parallel.tp={self.parallel.tp}, "
+                              f"parallel.pp={self.parallel.pp}: model parallelism runs with strategy 'ddp' "
+                              "(gradients all-reduced over the data-parallel ranks)")
         if not self.data.dir:
             raise ConfigError("data.dir is empty: give the corpus directory (--data DIR or [data] dir = ...)")
         if world_size is not None:
-            self.derive_grad_accum(world_size)
+            self.derive_grad_accum(self.dp_degree(world_size))
 
-    def derive_grad_accum(self, world_size: int) -> int:
-        """grad_accum from global_batch when given: global = micro_batch * grad_accum * world_size."""
+    def dp_degree(self, world_size: int) -> int:
+        """Data-parallel ranks of a run on `world_size` processes: what tp x pp leaves."""
+        model_parallel = self.parallel.tp * self.parallel.pp
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = "
+                              f"{self.parallel.tp} x {self.parallel.pp} = {model_parallel}")
+        return world_size // model_parallel
+
+    def derive_grad_accum(self, dp: int) -> int:
+        """grad_accum from global_batch when given: global = micro_batch * grad_accum * dp."""
         if self.batch.global_batch is None:
             return self.batch.grad_accum
-        per_step = self.batch.micro_batch * world_size
+        per_step = self.batch.micro_batch * dp
         if self.batch.global_batch % per_step:
             raise ConfigError(f"batch.global_batch={self.batch.global_batch} is not a multiple of "
-                              f"micro_batch {self.batch.micro_batch} x world size {world_size} = {per_step}")
+                              f"micro_batch {self.batch.micro_batch} x data-parallel ranks {dp} = {per_step}")
         self.batch.grad_accum = self.batch.global_batch // per_step
         return self.batch.grad_accum
 
-    def global_batch(self, world_size: int) -> int:
-        return self.batch.micro_batch * self.batch.grad_accum * world_size
+    def global_batch(self, dp: int) -> int:
+        """Sequences per optimizer step over the `dp` data-parallel ranks."""
+        return self.batch.micro_batch * self.batch.grad_accum * dp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,6 +23,8 @@ import torch
 
 from lmfleet.data.corpus import Corpus
 from lmfleet.errors import ConfigError, LmfleetError
+from lmfleet.parallel.mesh import ParallelDims
+from lmfleet.parallel.parallelize import check_parallel
 from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
 
@@ -33,9 +35,11 @@ SIGTERM_GRACE_S = 120  # how long torchrun's agent waits for workers to checkpoi
 @dataclass
 class LaunchSpec:
     nproc: int = 1
-    nnodes: int = 1
+    nnodes: int = 1  # with max_nnodes: the fewest nodes the run goes on with (elastic)
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
+    max_nnodes: int | None = None  # elastic: nodes may join up to this many, and leave down to nnodes
+    rdzv_conf: str | None = None  # torchrun's --rdzv-conf, e.g. last_call_timeout=10
     max_restarts: int = 0
     resume: bool = False
     allow_new_data: bool = False  # resume on a corpus other than the checkpoint's
@@ -44,6 +48,31 @@ class LaunchSpec:
     @property
     def world_size(self) -> int:
         return self.nproc * self.nnodes
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_nnodes is not None and self.max_nnodes != self.nnodes
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the run may have: one, or one per node count from MIN to MAX."""
+        return [self.nproc * n for n in range(self.nnodes, (self.max_nnodes or self.nnodes) + 1)]
+
+    @property
+    def nnodes_arg(self) -> str:
+        return f"{self.nnodes}:{self.max_nnodes}" if self.elastic else str(self.nnodes)
+
+
+def parse_nnodes(value: str) -> tuple[int, int | None]:
+    """`N` or `MIN:MAX` (torchrun's form) -> (min, max or None)."""
+    low, sep, high = value.partition(":")
+    try:
+        nodes = (int(low), int(high) if sep else None)
+    except ValueError:
+        raise ConfigError(f"--nnodes={value!r}: give a node count N or a range MIN:MAX, e.g. 1:4") from None
+    if nodes[0] < 1 or (nodes[1] is not None and nodes[1] < nodes[0]):
+        raise ConfigError(f"--nnodes={value!r}: need 1 <= MIN <= MAX")
+    return nodes
 
 
 def max_local_processes() -> tuple[int, str]:
@@ -63,10 +92,13 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     if spec.nproc > limit:
         raise ConfigError(f"--nproc={spec.nproc} is larger than this machine allows: {limit} {what} "
                           "(one worker per device)")
-    if spec.nnodes > 1 and not spec.rdzv_endpoint:
-        raise ConfigError(f"--nnodes={spec.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if (spec.max_nnodes or spec.nnodes) > 1 and not spec.rdzv_endpoint:
+        raise ConfigError(f"--nnodes={spec.nnodes_arg} needs --rdzv-endpoint HOST:PORT (the same on every node)")
     if spec.max_restarts < 0:
         raise ConfigError(f"--max-restarts={spec.max_restarts} must be >= 0")
+    if spec.elastic and config.batch.global_batch is None:
+        raise ConfigError(f"--nnodes={spec.nnodes_arg}: an elastic run needs batch.global_batch, the sequences per "
+                          "step kept whatever the number of nodes (gradient accumulation adjusts)")
     config.validate(spec.world_size)
     corpus = Corpus(config.data.dir)
     model_config = build_model_config(config, corpus)
@@ -78,9 +110,11 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
             raise LmfleetError(f"--resume: {run_dir} has no complete checkpoint to resume from"
                                + "".join(f"; skipped {p.name}: {why}" for p, why in selection.skipped))
         meta = ckpt.check_resumable(selection.path, spec.world_size, config.train.strategy,
-                                    model_config.to_dict(), config.data.seq_len, config.global_batch(spec.world_size))
+                                    model_config.to_dict(), config.data.seq_len, config.batch.global_batch)
         if not spec.allow_new_data:
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
+        # The checkpoint's global batch, whatever this run's world size: the loss curve continues.
+        config.batch.global_batch = meta["global_batch"]
         print(selection.describe(), file=sys.stderr, flush=True)
     else:
         held = sorted(ckpt.step_dirs(run_dir) + ckpt.unrenamed_saves(run_dir))  # nothing is deleted here
@@ -91,6 +125,12 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
                 f"none complete; {last.name}: {why}" if why else f"{last.name}: complete, not yet renamed into place"
             raise LmfleetError(f"{run_dir} already holds checkpoints ({newest}); pass --resume to continue that "
                                "run or --out to start a new one")
+        config.batch.global_batch = config.global_batch(config.dp_degree(spec.world_size))
+    for world in spec.world_sizes:  # workers re-derive grad_accum at the world size they find
+        dims = ParallelDims.for_world(world, config.parallel.tp, config.parallel.pp)
+        check_parallel(model_config, dims)
+        config.derive_grad_accum(dims.dp)
+    config.derive_grad_accum(config.dp_degree(spec.world_size))
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)
     return run_dir, selection.path if spec.resume else None
@@ -98,7 +138,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
 
 def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = None,
                   shutdown_timeout: bool = True) -> list[str]:
-    args = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
+    args = ["--nproc-per-node", str(spec.nproc), "--nnodes", spec.nnodes_arg,
             "--max-restarts", str(spec.max_restarts)]
     if shutdown_timeout:  # torch >= 2.7; older agents wait their default 30 s
         args += ["--shutdown-timeout", str(SIGTERM_GRACE_S)]
@@ -107,6 +147,8 @@ def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = No
                  "--rdzv-id", os.environ.get("LMFLEET_RDZV_ID", run_dir.resolve().name or uuid.uuid4().hex)]
         if spec.node_rank is not None:
             args += ["--node-rank", str(spec.node_rank)]
+        if spec.rdzv_conf:
+            args += ["--rdzv-conf", spec.rdzv_conf]
     else:
         args += ["--standalone"]
     args += ["--module", "lmfleet.train.worker", str(run_dir)]
@@ -122,7 +164,7 @@ def launch(config: TrainConfig, spec: LaunchSpec) -> dict[str, Any]:
     stopped it (`stopped_at`, `checkpoint`)."""
     run_dir, resume_from = prepare_run(config, spec)
     start_step = ckpt.read_meta(resume_from)["step"] if resume_from else 0
-    if spec.world_size == 1 and spec.max_restarts == 0:
+    if spec.world_size == 1 and spec.max_restarts == 0 and not spec.elastic:
         from lmfleet.train.trainer import run_training
 
         return {"run_dir": str(run_dir), **run_training(config, run_dir, resume_from=resume_from,

@@ -9,12 +9,17 @@ all-reduce). FSDP2 issues its collectives internally; its bytes are computed fro
           optimizer state sharded; all-gather in forward and backward, reduce-scatter of gradients.
 - diloco: every rank takes H local AdamW steps, then the outer step all-reduces the parameter
           deltas (pseudo-gradients) and applies Nesterov-momentum SGD to the shared parameters.
+
+With tensor or pipeline parallelism (`[parallel] tp`, `pp`) the model is split first
+(lmfleet.parallel.parallelize) and `ModelParallelStrategy` all-reduces the gradients over the
+mesh's data-parallel dimension only; a pipeline runs each step's micro-batches through
+torch.distributed.pipelining's GPipe or 1F1B schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,8 +28,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmfleet.model.transformer import Transformer
-from lmfleet.parallel.mesh import DistInfo
+from lmfleet.parallel.mesh import DistInfo, ParallelDims
 from lmfleet.train.config import TrainConfig
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> mean loss
+
+
+def _state_options():  # noqa: ANN202 (StateDictOptions, imported late)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -78,9 +91,47 @@ class Strategy:
         self.param_bytes = _param_bytes(model)
         self.comm = CommCounter()
 
+    # How many ranks hold each step's loss (its sum over ranks is divided by this), and the
+    # data-parallel coordinates the loader and the evaluation split their work by.
+    @property
+    def loss_ranks(self) -> int:
+        return self.info.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.info.world_size
+
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward/backward (gradient sync only on the last)."""
         return contextlib.nullcontext()
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
+                         autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Forward (under `autocast`) and backward of one optimizer step's micro-batches, gradients
+        averaged over them; returns the sum of the micro-batch losses this rank computed."""
+        losses = []
+        for micro, (inputs, targets) in enumerate(batches):
+            with self.micro_step(micro == len(batches) - 1):
+                with autocast():
+                    logits = self.model(inputs)
+                loss = loss_fn(logits, targets)
+                (loss / len(batches)).backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).sum()
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluation calls: logits, or None on a rank that scores nothing."""
+        return self.model
+
+    def eval_reduce(self, totals: torch.Tensor) -> None:
+        """Sum evaluation totals so every rank holds the whole split's."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to `max_norm` (0: no clipping) and return the norm before clipping."""
@@ -99,16 +150,19 @@ class Strategy:
 
     # ---- state -------------------------------------------------------------------------------
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """State saved with torch.distributed.checkpoint (replicated or sharded), or None."""
+        """State saved with torch.distributed.checkpoint (replicated or sharded), or None. The
+        optimizer's state and hyper-parameters are keyed by parameter name, not by group index:
+        pipeline stages hold different parameters in their groups, and any layout reads them back."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, optimizer, options=_state_options())
         return {"model": model_sd, "optim": optim_sd}
 
     def load_sharded_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_state_options())
 
     def local_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Per-rank state (saved by every rank in its own file)."""
@@ -248,6 +302,134 @@ class DilocoStrategy(Strategy):
             with torch.no_grad():
                 for name, p in self.params.items():
                     p.copy_(saved[name])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return any(p.is_shard() for p in getattr(t, "placements", ()))
+
+
+class ModelParallelStrategy(Strategy):
+    """Tensor- or pipeline-parallel model (already split by `parallelize`), data parallel over
+    the mesh's `dp` dimension: one flat all-reduce of the local gradients per optimizer step."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, info: DistInfo, config: TrainConfig, dims: ParallelDims, mesh: Any,
+                 loss_fn: LossFn):
+        super().__init__(model, info, config)
+        self.dims, self.mesh = dims, mesh
+        self.coords = dims.coords(info.rank)
+        self.dp_group = mesh["dp"].get_group()
+        self.tp_group = mesh["tp"].get_group()
+        self.pp_group = mesh["pp"].get_group()
+        self.schedule = None
+        self.is_last_stage = True
+        if dims.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            self.is_last_stage = self.coords["pp"] == dims.pp - 1
+            stage = PipelineStage(model, self.coords["pp"], dims.pp, info.device, group=self.pp_group)
+            schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[config.parallel.pp_schedule]
+            # scale_grads: gradients are the mean over micro-batches, as with accumulation.
+            self.schedule = schedule_cls(stage, n_microbatches=config.batch.grad_accum, loss_fn=loss_fn,
+                                         scale_grads=True)
+
+    @property
+    def loss_ranks(self) -> int:
+        return self.dims.dp * self.dims.tp  # every TP rank holds the loss; of a pipeline, the last stage
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords["dp"]
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
+                         autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        if self.schedule is None:
+            total = super().forward_backward(batches, loss_fn, autocast)
+        else:
+            inputs = torch.cat([b[0] for b in batches])
+            targets = torch.cat([b[1] for b in batches])
+            losses: list[torch.Tensor] = []
+            with autocast():  # forwards and backwards interleave inside the schedule
+                if self.coords["pp"] == 0:
+                    self.schedule.step(inputs)
+                elif self.is_last_stage:
+                    self.schedule.step(target=targets, losses=losses)
+                else:
+                    self.schedule.step()
+            weight = next(self.model.parameters())
+            total = torch.stack(losses).detach().sum() if losses else \
+                torch.zeros((), dtype=weight.dtype, device=weight.device)
+        self._sync_gradients()
+        return total
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [_local(p.grad) for p in _unique_params(self.model) if p.grad is not None]
+
+    def _sync_gradients(self) -> None:
+        if self.dims.dp == 1:
+            return
+        grads = self._grads()
+        flat = torch.cat([g.flatten() for g in grads])
+        self.comm.add(flat)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dims.dp
+        for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The whole model's gradient norm: TP shards' squares summed over the TP group (replicated
+        gradients counted once), stages' over the pipeline; clipped as clip_grad_norm_ does."""
+        params = [p for p in _unique_params(self.model) if p.grad is not None]
+        square = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for p in params:
+            g = _local(p.grad).double()
+            square += g.pow(2).sum() / (1 if _is_sharded(p.grad) else self.dims.tp)
+        if self.dims.tp > 1:
+            dist.all_reduce(square, group=self.tp_group)
+        if self.dims.pp > 1:
+            dist.all_reduce(square, group=self.pp_group)
+        norm = square.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                _local(p.grad).mul_(coef.to(p.grad.dtype))
+        return norm
+
+    @property
+    def eval_model(self) -> nn.Module:
+        if self.dims.pp == 1:
+            return self.model
+        from lmfleet.parallel.parallelize import PipelineForward
+
+        return PipelineForward(self.model, self.pp_group)
+
+    def eval_reduce(self, totals: torch.Tensor) -> None:
+        # Every TP rank scored the same windows: sum over data-parallel ranks only. Of a
+        # pipeline only the last stage scored: the sum over the stages is its totals.
+        if self.dims.dp > 1:
+            dist.all_reduce(totals, group=self.dp_group)
+        if self.dims.pp > 1:
+            dist.all_reduce(totals, group=self.pp_group)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole tensors on CPU: DTensors gathered over TP, stages gathered to rank 0."""
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                 for k, v in self.model.state_dict().items()}
+        if self.dims.pp == 1:
+            return state
+        gathered: list[Any] = [None] * self.info.world_size if self.info.rank == 0 else None
+        mine = state if self.coords["dp"] == 0 and self.coords["tp"] == 0 else {}
+        dist.gather_object(mine, gathered, dst=0)
+        return {k: v for part in (gathered or []) for k, v in part.items()}
 
 
 STRATEGY_CLASSES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "diloco": DilocoStrategy}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,11 +25,12 @@ from lmfleet.errors import ConfigError
 from lmfleet.model.checkpoint import save_model
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import Transformer, build_model
-from lmfleet.parallel.mesh import DistInfo, destroy_distributed, init_distributed
+from lmfleet.parallel.mesh import DistInfo, ParallelDims, destroy_distributed, init_distributed
+from lmfleet.parallel.parallelize import check_parallel, parallelize
 from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
 from lmfleet.train.metrics import MetricsWriter, peak_flops, peak_memory_bytes, read_metrics
-from lmfleet.train.strategies import Strategy, make_strategy
+from lmfleet.train.strategies import ModelParallelStrategy, Strategy, make_strategy
 
 # Test hooks, read once at start (see fault_hook): SIGKILL rank FAULT_RANK at step FAULT_STEP, or
 # SIGTERM the `lmfleet train` process during step SIGTERM_STEP; first attempt only.
@@ -143,18 +145,24 @@ class Trainer:
         self.model_config = build_model_config(config, self.corpus)
         # Parameters (and so gradients, optimizer state, collectives) in float64 for fp64; bf16 autocasts.
         self.param_dtype = torch.float64 if config.train.precision == "fp64" else torch.float32
+        self.dims = ParallelDims.for_world(info.world_size, config.parallel.tp, config.parallel.pp)
+        config.derive_grad_accum(self.dims.dp)  # the global batch is kept whatever the world size
+        check_parallel(self.model_config, self.dims)
         model = build_model(self.model_config, seed=config.train.seed, device=info.device,
                             dtype=self.param_dtype)
-        if config.train.compile:
-            for block in model.layers:
-                block.compile()
-        self.strategy: Strategy = make_strategy(config.train.strategy, model, info, config)
+        mesh = self.dims.build_mesh(info.device.type) if self.dims.model_parallel else None
+        module = parallelize(model, self.dims, mesh, info.rank, compile=config.train.compile)
+        if self.dims.model_parallel:
+            self.strategy: Strategy = ModelParallelStrategy(module, info, config, self.dims, mesh, self.loss)
+        else:
+            self.strategy = make_strategy(config.train.strategy, model, info, config)
         self.optimizer = build_optimizer(self.strategy.model, config)
         self.loader = TokenLoader(self.corpus, config.data.seq_len, config.batch.micro_batch,
-                                  config.batch.grad_accum, info.rank, info.world_size, config.train.seed)
+                                  config.batch.grad_accum, self.strategy.dp_rank, self.strategy.dp_size,
+                                  config.train.seed)
         self.autocast_dtype = torch.bfloat16 if config.train.precision == "bf16" else None
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=info.is_main)
-        self.tokens_per_step = config.global_batch(info.world_size) * config.data.seq_len
+        self.tokens_per_step = config.global_batch(self.dims.dp) * config.data.seq_len
         self.flops_per_token = self.model_config.flops_per_token(config.data.seq_len)
         self.peak = peak_flops(info.device, self.autocast_dtype or self.param_dtype, config.train.peak_flops)
         self.step = 0
@@ -163,11 +171,18 @@ class Trainer:
         self.stop_agreed = False
         self.previous_last_step: int | None = None  # the last step a resumed run's metrics had logged
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     # ---- state -------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {"world_size": self.info.world_size, "strategy": self.config.train.strategy,
+                "parallel": {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp},
                 "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
-                "global_batch": self.config.global_batch(self.info.world_size),
+                "global_batch": self.config.global_batch(self.dims.dp),
                 "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total,
                 "corpus": self.corpus.identity()}
 
@@ -184,7 +199,8 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         sharded = self.strategy.sharded_state(self.optimizer)
-        local = ckpt.load_checkpoint(path, self.info.rank, sharded)
+        local = ckpt.load_checkpoint(path, self.info.rank, sharded,
+                                     same_world=self.config.train.strategy == "diloco")
         if sharded is not None:
             self.strategy.load_sharded_state(self.optimizer, sharded)
         self.strategy.load_local_state(self.optimizer, local["strategy"])
@@ -214,24 +230,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.batch.grad_accum
-        # Summed over ranks in one all-reduce at the end: [loss, ranks asking to stop].
-        loss_sum = torch.zeros((), dtype=self.param_dtype, device=self.info.device)
-        for micro in range(accum):
-            inputs, targets = (t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
-            with self.strategy.micro_step(micro == accum - 1):
-                with torch.autocast(self.info.device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    logits = self.strategy.model(inputs)
-                    loss = F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
-                (loss / accum).backward()
-            loss_sum += loss.detach()
+        batches = [tuple(t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
+                   for micro in range(accum)]
+        loss_sum = self.strategy.forward_backward(batches, self.loss, self.autocast).to(self.param_dtype)
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.count_step_comm(accum)
         self.strategy.after_optimizer_step(step)
         comm, calls = self.strategy.comm.take()
-        loss_sum /= accum * self.info.world_size
+        # Summed over ranks in one all-reduce: [loss, ranks asking to stop].
+        loss_sum /= accum * self.strategy.loss_ranks
         reduced = torch.stack([loss_sum, torch.full_like(loss_sum, float(self.stop.requested))])
         _all_reduce_sum(reduced)
         # One device-to-host sync per step, after the optimizer's kernels are queued.
@@ -253,9 +262,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         with self.strategy.eval_weights():
-            result = evaluate_perplexity(self.strategy.model, self.corpus, self.config.data.seq_len,
-                                         self.config.eval.tokens, rank=self.info.rank,
-                                         world_size=self.info.world_size, all_reduce=_all_reduce_sum,
+            result = evaluate_perplexity(self.strategy.eval_model, self.corpus, self.config.data.seq_len,
+                                         self.config.eval.tokens, rank=self.strategy.dp_rank,
+                                         world_size=self.strategy.dp_size, all_reduce=self.strategy.eval_reduce,
                                          autocast_dtype=self.autocast_dtype)
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "val_loss": result["loss"],
                   "val_perplexity": result["perplexity"], "val_tokens": result["tokens"]}
@@ -340,6 +349,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
         elif attempt > 0:
             trainer.drop_metrics_after(-1)  # no checkpoint yet: the restart begins again at step 0
         trainer.metrics.write({"kind": "start", "step": trainer.step, "attempt": attempt, "pid": os.getpid(),
+                               "world_size": info.world_size, "grad_accum": config.batch.grad_accum,
                                "resumed_from": selection.path.name if selection.path else None,
                                "previous_last_step": trainer.previous_last_step,
                                "skipped": {p.name: why for p, why in selection.skipped}})
