@@ -427,6 +427,40 @@ def test_checkpoints_reshard_between_tp2_and_one_process(corpus, runs, tp_run, m
         assert_same_training(out, mp_single, 1e-10)
 
 
+def node_command(corpus: Path, out: Path, *args: str) -> list[str]:
+    """`lmfleet train` as one node of a multi-node run (the node count and endpoint in `args`)."""
+    import sys
+
+    return [sys.executable, "-m", "lmfleet.cli", "train", str(CONFIG), "--data", str(corpus), "--out", str(out),
+            "--set", "batch.micro_batch=4", *args]
+
+
+def test_dp2_x_tp2_on_two_local_nodes_equals_one_process(corpus, runs, mp_single) -> None:
+    """4 processes as two 'nodes' of 2 on one rendezvous: TP inside a node, DP across (mesh dp=2,
+    tp=2), one micro-batch of 4 per data-parallel rank: the same 8 sequences per step."""
+    import subprocess
+
+    from .helpers import free_port
+
+    out = runs / "mp-dp2-tp2"
+    cmd = node_command(corpus, out, *MP, "--set", "batch.grad_accum=1", "--nproc", "2", "--tp", "2",
+                       "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    env = {**os.environ, "LMFLEET_RDZV_ID": f"dp-tp-{os.getpid()}"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    try:
+        results = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert read_meta(complete_checkpoints(out)[-1][1])["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
+    assert_same_training(out, mp_single, 1e-10)
+
+
 def test_resume_at_another_world_size_keeps_the_global_batch(corpus, runs, ddp64_run) -> None:
     """A 2-process checkpoint resumed by 1 process (grad_accum 2 instead of 1), and a 1-process
     checkpoint resumed by 2: both end on the uninterrupted 2-process run's weights."""
@@ -476,7 +510,6 @@ def test_elastic_node_leaves_and_the_other_continues(corpus, runs, ddp64_run) ->
     batch of 8, and ends on the uninterrupted 2-process run's weights."""
     import signal
     import subprocess
-    import sys
     import time
 
     import psutil
@@ -484,11 +517,10 @@ def test_elastic_node_leaves_and_the_other_continues(corpus, runs, ddp64_run) ->
     from .helpers import free_port
 
     out = runs / "elastic-nodes"
-    endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "lmfleet.cli", "train", str(CONFIG), "--data", str(corpus), "--out", str(out),
-           "--steps", str(STEPS), "--checkpoint-every", str(CKPT), "--nproc", "1", "--nnodes", "1:2",
-           "--rdzv-endpoint", endpoint, "--rdzv-conf", "last_call_timeout=2", "--max-restarts", "3",
-           "--set", "batch.micro_batch=4", "--set", "batch.global_batch=8", "--set", "eval.every=6", *FP64]
+    cmd = node_command(corpus, out, "--steps", str(STEPS), "--checkpoint-every", str(CKPT), "--nproc", "1",
+                       "--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-conf",
+                       "last_call_timeout=2", "--max-restarts", "3", "--set", "batch.global_batch=8",
+                       "--set", "eval.every=6", *FP64)
     env = {**os.environ, "LMFLEET_RDZV_ID": f"elastic-{os.getpid()}"}
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(1.0)  # the first node hosts the rendezvous store
