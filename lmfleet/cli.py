@@ -133,11 +133,29 @@ def init(
 def info(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tp: Annotated[int | None, typer.Option("--tp", help="Also show each rank's parameter and KV-cache memory "
+                                           "when served with --tensor-parallel-size N.")] = None,
+    kv_tokens: Annotated[int | None, typer.Option(help="With --tp: tokens of KV cache to size (default: "
+                                                  "max_position_embeddings).")] = None,
+    dtype: Annotated[str, typer.Option(help="With --tp: the serving dtype, fp32, bf16, fp16 or auto.")] = "fp32",
 ) -> None:
-    """Show a model directory's config, parameter count, dtype and size on disk."""
+    """Show a model directory's config, parameter count, dtype and size on disk; with --tp N,
+    the memory each tensor-parallel rank holds."""
     from lmfleet.model import model_info
 
     details = model_info(model_dir)
+    if tp is not None:
+        from lmfleet.model.checkpoint import parse_dtype, read_config
+        from lmfleet.parallel.tensor_parallel import tp_memory
+
+        config = read_config(model_dir)
+        tokens = config.max_position_embeddings if kv_tokens is None else kv_tokens
+        if tokens < 1:
+            raise ConfigError(f"--kv-tokens={tokens} must be >= 1")
+        raw = json.loads((Path(details["path"]) / "config.json").read_text())
+        element = parse_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype")).itemsize
+        details["tensor_parallel"] = {"tp": tp, "kv_tokens": tokens, "dtype_bytes": element,
+                                      "ranks": tp_memory(config, tp, element, tokens)}
     if as_json:
         print(json.dumps(details, indent=2))
         return
@@ -152,6 +170,16 @@ def info(
     for key, value in details["config"].items():
         table.add_row(key, str(value))
     out.print(table)
+    if tp is not None:
+        split = details["tensor_parallel"]
+        ranks = Table(title=f"tensor parallel {tp}: per rank ({split['dtype_bytes']}-byte elements, KV cache for "
+                            f"{split['kv_tokens']:,} tokens)")
+        for column in ("rank", "parameters", "weights", "KV cache / token", "KV cache"):
+            ranks.add_column(column, justify="right")
+        for r in split["ranks"]:
+            ranks.add_row(str(r["rank"]), f"{r['params']:,}", _human_bytes(r["weight_bytes"]),
+                          _human_bytes(r["kv_bytes_per_token"]), _human_bytes(r["kv_bytes"]))
+        out.print(ranks)
 
 
 @app.command("generate")

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from lmfleet.errors import ConfigError
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import build_model
-from lmfleet.parallel.tensor_parallel import check_tp, shard_for_inference, tp_layout
+from lmfleet.parallel.tensor_parallel import check_tp, shard_for_inference, tp_layout, tp_memory
 
 from .helpers import chat_model_dir, free_port
 
@@ -100,6 +100,33 @@ def test_layouts_and_errors_name_the_problem() -> None:
         check_tp(odd_kv, 2)
 
 
+def test_info_tp_gives_each_rank_its_share(tmp_path) -> None:
+    """`lmfleet info --tp 2`: per-rank parameters and KV cache against a count by hand."""
+    import json
+
+    from lmfleet.model import save_model
+
+    from .helpers import run_cli
+
+    config = ModelConfig(**BASE, vocab_size=200, num_key_value_heads=2)
+    save_model(build_model(config), tmp_path / "m")
+    result = run_cli("info", str(tmp_path / "m"), "--tp", "2", "--kv-tokens", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    ranks = json.loads(result.stdout)["tensor_parallel"]["ranks"]
+    h, i, d, layers, vocab = 64, 96, 16, 2, 200
+    # Per layer: q and o by heads (half each), k and v by KV heads (1 of 2), gate/up/down by
+    # features (half), both norms whole; embedding and final norm whole, LM head by vocabulary.
+    per_layer = 2 * (h * h // 2) + 2 * (h * d) + 3 * (h * i // 2) + 2 * h
+    expected = layers * per_layer + vocab * h + h + vocab // 2 * h
+    assert [r["params"] for r in ranks] == [expected, expected]
+    assert [r["weight_bytes"] for r in ranks] == [4 * expected] * 2
+    assert [r["kv_bytes"] for r in ranks] == [2 * layers * 1 * d * 4 * 100] * 2  # K and V, 1 head, fp32
+    one = json.loads(run_cli("info", str(tmp_path / "m"), "--tp", "1", "--json").stdout)
+    assert one["tensor_parallel"]["ranks"][0]["params"] == one["parameters"]
+    refused = run_cli("info", str(tmp_path / "m"), "--tp", "3")
+    assert refused.returncode != 0 and "tensor_parallel_size=3 does not divide num_attention_heads=4" in refused.stderr
+
+
 # ---- the engine with tensor_parallel_size=2 ------------------------------------------------------
 
 PROMPTS = [[(7 * i + j) % 200 for j in range(5 + 9 * i)] for i in range(5)]
@@ -130,6 +157,9 @@ def test_engine_tp2_decodes_the_tokens_of_one_process(kv_heads) -> None:
         assert sum(o.num_cached_tokens for o in got) > 0  # the prefix cache served some prompts
         # Rank 0 holds its share of the KV cache: half the heads, or the one replicated head.
         assert engine.runner.runner.k_cache.shape[2] == max(1, kv_heads // 2)
+        # ... and what `lmfleet info --tp 2` says a rank holds is what rank 0's model holds.
+        held = {id(t): t for t in [*engine.runner.runner.model.parameters(), *engine.runner.runner.model.buffers()]}
+        assert tp_memory(config, 2, 8, 1)[0]["params"] == sum(t.numel() for t in held.values())
         workers = list(engine.runner.workers)
     finally:
         engine.shutdown()

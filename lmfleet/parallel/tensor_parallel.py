@@ -161,3 +161,22 @@ def shard_for_inference(model: nn.Module, tp: int, rank: int, group: dist.Proces
         per_rank = model.config.vocab_size // tp
         model.lm_head = VocabParallelHead(_rows(model.lm_head, rank * per_rank, per_rank), tp, group)
     return layout
+
+
+def tp_memory(config: ModelConfig, tp: int, dtype_bytes: int, kv_tokens: int) -> list[dict[str, int]]:
+    """Per-rank memory of the engine's tensor-parallel layout: parameters (counted on the model
+    `shard_for_inference` actually produces, on the meta device) and the KV cache for `kv_tokens`
+    tokens. One dict per rank: params, weight_bytes, kv_bytes_per_token, kv_bytes."""
+    from lmfleet.model.transformer import Transformer
+
+    ranks = []
+    for rank in range(tp):
+        with torch.device("meta"):
+            model = Transformer(config)
+        layout = shard_for_inference(model, tp, rank)
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        params = sum(t.numel() for t in tensors.values())
+        per_token = 2 * config.num_hidden_layers * layout.kv_heads * config.head_dim * dtype_bytes
+        ranks.append({"rank": rank, "params": params, "weight_bytes": params * dtype_bytes,
+                      "kv_bytes_per_token": per_token, "kv_bytes": per_token * kv_tokens})
+    return ranks
