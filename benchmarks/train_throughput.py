@@ -86,7 +86,7 @@ def handwritten_loop(args, corpus: Path, model_config: ModelConfig, device: torc
     return args.micro_batch * args.seq_len / statistics.median(times[args.warmup:])
 
 
-def gloo_allreduce_worker(rank: int, port: int, size: int, result_path: str) -> None:
+def gloo_allreduce_worker(rank: int, port: int, size: int, result_path: str, reps: int = 5) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -94,7 +94,7 @@ def gloo_allreduce_worker(rank: int, port: int, size: int, result_path: str) -> 
     for _ in range(2):
         dist.all_reduce(tensor)
     times = []
-    for _ in range(5):
+    for _ in range(reps):
         dist.barrier()
         start = time.perf_counter()
         dist.all_reduce(tensor)
@@ -104,7 +104,8 @@ def gloo_allreduce_worker(rank: int, port: int, size: int, result_path: str) -> 
     dist.destroy_process_group()
 
 
-def gloo_bandwidth(size: int = 40_000_000) -> float:
+def gloo_allreduce_seconds(size: int, reps: int = 5) -> float:
+    """Median seconds of one gloo all-reduce of `size` bytes between two local processes."""
     import socket
 
     import torch.multiprocessing as mp
@@ -113,9 +114,12 @@ def gloo_bandwidth(size: int = 40_000_000) -> float:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        mp.spawn(gloo_allreduce_worker, args=(port, size, f.name), nprocs=2, join=True)
-        seconds = json.loads(Path(f.name).read_text())["seconds"]
-    return size / seconds
+        mp.spawn(gloo_allreduce_worker, args=(port, size, f.name, reps), nprocs=2, join=True)
+        return json.loads(Path(f.name).read_text())["seconds"]
+
+
+def gloo_bandwidth(size: int = 40_000_000) -> float:
+    return size / gloo_allreduce_seconds(size)
 
 
 def main() -> None:
