@@ -553,6 +553,29 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
         sorted(by_replica(families, "lmfleet:num_requests_running"))
 
 
+def test_tensor_parallel_replicas_answer_and_reserve_their_ranks(model_dir, cluster) -> None:
+    """--replicas 2 --tensor-parallel-size 2: each replica runs its model over 2 processes (its
+    worker beside it on the replica's node) and reserves 2 x --cpus-per-replica; greedy text
+    equals one process's. The module's fixture then checks no worker outlived the cluster."""
+    url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=0.5,
+                 engine_kwargs={"kv_cache_memory": 4 * 2**20, "tensor_parallel_size": 2})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+    engine = LLMEngine(model_dir, kv_cache_memory=4 * 2**20)
+    for prompt in ("The quick brown", "def add(a, b):", "Data flows one way", "import os"):
+        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == ref.text
+    time.sleep(2.5)
+    families = scrape(url)
+    assert total(families, "lmfleet:num_replicas") == 2
+    assert len(by_replica(families, "lmfleet:generation_tokens_total")) == 2  # both replicas served
+    assert ray.available_resources().get("CPU", 0) <= ray.cluster_resources()["CPU"] - 2  # 2 x 2 x 0.5
+    replicas = {p.pid for p in psutil.process_iter(["cmdline"]) if "LLMReplica" in " ".join(p.info["cmdline"] or [])}
+    workers = [p for p in psutil.process_iter(["cmdline", "ppid"])
+               if "multiprocessing.spawn" in " ".join(p.info["cmdline"] or []) and p.info["ppid"] in replicas]
+    assert len({w.info["ppid"] for w in workers}) == 2 and len(workers) == 2  # one TP worker beside each replica
+
+
 def _serve_state() -> bytes:
     """Everything Ray Serve keeps in the cluster's key-value store (its checkpoints hold each
     deployment's arguments), as one byte string."""
