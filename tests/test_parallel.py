@@ -182,6 +182,32 @@ def test_a_dead_tp_worker_ends_the_engine() -> None:
         engine.shutdown()
 
 
+def test_a_rank_0_failure_inside_a_step_ends_the_engine_not_only_the_step() -> None:
+    """Once a step is sent, the workers are inside its collectives: a failure of rank 0's share
+    (an out-of-memory on a big prefill) cannot be survived like one process's failed forward, or
+    the next step would pair with the wrong collectives. The engine ends; the workers go."""
+    from lmfleet.engine import SamplingParams
+    from lmfleet.engine.executor import ExecutorDied
+
+    model = build_model(ModelConfig(**BASE, vocab_size=200, num_key_value_heads=2), seed=0)
+    engine = _tp_engine(model)
+    workers = list(engine.runner.workers)
+    try:
+        runner = engine.runner.runner
+
+        def fail(meta):
+            raise RuntimeError("out of memory (injected)")
+
+        runner.execute = fail
+        with pytest.raises(ExecutorDied, match="rank 0 failed during a step: RuntimeError: out of memory"):
+            engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))
+        with pytest.raises(ExecutorDied):  # and stays ended
+            engine.generate([[4, 5]], SamplingParams(max_tokens=2, temperature=0))
+    finally:
+        engine.shutdown()
+    assert not any(w.is_alive() for w in workers)
+
+
 def test_tp_sizes_that_do_not_fit_the_model_are_refused_before_any_process_starts() -> None:
     from lmfleet.engine import LLMEngine
 

@@ -339,6 +339,9 @@ def test_bad_input_fails_before_workers_start(corpus, runs, ddp_run, diloco_run,
                          (["--nproc", "1", "--tp", "2"], "world size 1 is not a multiple of parallel.tp x parallel.pp"),
                          (["--nproc", "2", "--tp", "2", "--strategy", "fsdp"], "runs with strategy 'ddp'"),
                          (["--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1"], "needs batch.global_batch"),
+                         (["--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1", "--strategy", "diloco"],
+                          "cannot change its world size"),
+                         (["--nproc", "2", "--pp", "2", *UNTIED], "needs at least 2 micro-batches per step"),
                          (["--nnodes", "2:1"], "need 1 <= MIN <= MAX")]:
         out = tmp_path / "mp"
         assert_one_line_error(run_cli("train", str(CONFIG), "--data", str(corpus), "--out", str(out), *args), needle)
@@ -401,14 +404,18 @@ def test_pipeline_training_equals_one_process(schedule, corpus, runs, pp_run, mp
     assert_same_training(run, mp_single, 1e-10)
 
 
-def test_pipeline_resume_is_exact(corpus, runs, pp_run) -> None:
-    out = runs / "mp-pp2-resume"
-    stopped = train(corpus, out, *MP, "--pp", "2", env={"LMFLEET_FAULT_STEP": "4", "LMFLEET_FAULT_RANK": "1"})
+@pytest.mark.parametrize("layout", ["pp", "tp"])
+def test_model_parallel_resume_is_exact(layout, corpus, runs, pp_run, tp_run) -> None:
+    """Rank 1 dies after step 4; the resumed run (same layout) ends bit for bit on the
+    uninterrupted one."""
+    reference, args = {"pp": (pp_run, ("--pp", "2")), "tp": (tp_run, ("--tp", "2"))}[layout]
+    out = runs / f"mp-{layout}2-resume"
+    stopped = train(corpus, out, *MP, *args, env={"LMFLEET_FAULT_STEP": "4", "LMFLEET_FAULT_RANK": "1"})
     assert stopped.returncode != 0
     assert [s for s, _ in complete_checkpoints(out)] == [MP_CKPT]
-    ok(train(corpus, out, *MP, "--pp", "2", "--resume"))
-    assert bit_identical(weights(out), weights(pp_run))
-    assert train_losses(out) == train_losses(pp_run)
+    ok(train(corpus, out, *MP, *args, "--resume"))
+    assert bit_identical(weights(out), weights(reference))
+    assert train_losses(out) == train_losses(reference)
 
 
 def test_checkpoints_reshard_between_tp2_and_one_process(corpus, runs, tp_run, mp_single) -> None:
@@ -474,9 +481,13 @@ def test_resume_at_another_world_size_keeps_the_global_batch(corpus, runs, ddp64
             ok(stopped)
         shutil.rmtree(out / "final", ignore_errors=True)
         shutil.rmtree(out / "checkpoints" / f"step_{STEPS}", ignore_errors=True)
-        ok(train(corpus, out, *FP64, "--resume", nproc=nproc))
+        resumed = train(corpus, out, *FP64, "--resume", nproc=nproc)
+        ok(resumed)
+        # 1 process x micro-batch 4 x grad_accum 1 would be 4 a step: said, and the checkpoint's 8 kept.
+        assert ("keeping the checkpoint's global batch of 8 sequences per step" in resumed.stderr) == (nproc == 1)
         starts = records(out, "start")
         assert starts[-1]["resumed_from"] == f"step_{CKPT}" and starts[-1]["world_size"] == nproc
+        assert starts[-1]["grad_accum"] == {1: 2, 2: 1}[nproc]
         assert read_meta(complete_checkpoints(out)[-1][1])["global_batch"] == 8
         assert max_diff(weights(out), weights(ddp64_run)) <= 1e-10
         assert all(abs(a - b) <= 1e-10 for a, b in zip(train_losses(out).values(), train_losses(ddp64_run).values()))

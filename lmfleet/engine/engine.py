@@ -133,7 +133,9 @@ class LLMEngine:
             from lmfleet.model.checkpoint import load_model
             from lmfleet.model.tokenizer import load_tokenizer
 
-            self.model = load_model(model, dtype=dtype, device=device)
+            # With tensor parallelism the whole model stays in host memory: each rank slices it there
+            # and moves only its slice to its device.
+            self.model = load_model(model, dtype=dtype, device=device if tensor_parallel_size == 1 else "cpu")
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(model)
         self.tokenizer = tokenizer
@@ -143,9 +145,16 @@ class LLMEngine:
         kv_heads = tp_layout(config, tensor_parallel_size, 0).kv_heads  # per rank: its share of the cache
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_ids = set(config.eos_token_ids) | (set(tokenizer.stop_ids) if tokenizer else set())
-        on_cuda = self.model.embed_tokens.weight.is_cuda
+        # Where the model runs: a model directory goes to `device`; a model given keeps its own.
+        run_device = device if not isinstance(model, Transformer) else self.model.embed_tokens.weight.device
+        on_cuda = run_device.type == "cuda"
         if num_blocks is None:
-            budget = kv_cache_memory or self._kv_budget(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+            if not kv_cache_memory and on_cuda and tensor_parallel_size > 1:
+                raise ConfigError("tensor_parallel_size > 1 on CUDA needs kv_cache_memory (bytes per rank) or "
+                                  "num_blocks: the cache is not profiled per rank yet (`lmfleet info MODEL --tp N` "
+                                  "gives each rank's weight and KV bytes)")
+            budget = kv_cache_memory or self._kv_budget(gpu_memory_utilization, max_num_batched_tokens,
+                                                        max_num_seqs) // tensor_parallel_size
             num_blocks = budget // ModelRunner.bytes_per_block(self.model, block_size, kv_heads)
         if num_blocks < 1:
             raise ConfigError(f"the KV cache budget holds no block of {block_size} tokens; raise kv_cache_memory "
@@ -172,7 +181,8 @@ class LLMEngine:
             self.runner: ModelRunner | TPExecutor = ModelRunner(self.model, **runner_kwargs)
         else:
             self.runner = TPExecutor(self.model, tensor_parallel_size, runner_kwargs,
-                                     model_dir=None if isinstance(model, Transformer) else model, dtype=dtype)
+                                     model_dir=None if isinstance(model, Transformer) else model, dtype=dtype,
+                                     device=run_device)
         self.runner.capture_graphs()
         self.sampler = Sampler(seed)
         self.requests: dict[str, _Request] = {}
@@ -180,7 +190,8 @@ class LLMEngine:
 
     def _kv_budget(self, utilization: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """KV-cache bytes: on CUDA, from a profiled forward of the largest step (as vLLM's
-        gpu_memory_utilization); on CPU, a fifth of the available memory, at most 2 GiB."""
+        gpu_memory_utilization); on CPU, a fifth of the available memory, at most 2 GiB (the caller divides
+        it among tensor-parallel ranks, which share the host)."""
         device = self.model.embed_tokens.weight.device
         if device.type != "cuda":
             return _cpu_kv_bytes()

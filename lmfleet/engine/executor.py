@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +59,11 @@ def _init_group(rank: int, tp: int, store_path: str, device: torch.device) -> No
                             device_id=device if backend == "nccl" else None)
 
 
-def _runner(model: Transformer, tp: int, rank: int, runner_kwargs: dict[str, Any]) -> tuple[ModelRunner, TPLayout]:
+def _runner(model: Transformer, tp: int, rank: int, runner_kwargs: dict[str, Any],
+            device: torch.device) -> tuple[ModelRunner, TPLayout]:
+    """Slice the whole model where it is (host memory), then move only this rank's slice to `device`."""
     layout = shard_for_inference(model, tp, rank)
-    return ModelRunner(model, kv_heads=layout.kv_heads, **runner_kwargs), layout
+    return ModelRunner(model.to(device), kv_heads=layout.kv_heads, **runner_kwargs), layout
 
 
 def _worker(rank: int, tp: int, parent: int, store_path: str, source: str | Transformer, dtype: Any, device: str,
@@ -69,18 +73,18 @@ def _worker(rank: int, tp: int, parent: int, store_path: str, source: str | Tran
     _watch_parent(parent)
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     try:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         _init_group(rank, tp, store_path, dev)
         if isinstance(source, Transformer):
-            model = source.to(dev)
+            model = source
         else:
             from lmfleet.model.checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, device=dev)
+            model = load_model(source, dtype=dtype, device="cpu")
         del source
-        runner, _ = _runner(model, tp, rank, runner_kwargs)
+        runner, _ = _runner(model, tp, rank, runner_kwargs, dev)
         del model
         ready.put(rank)
         box: list[Any] = [None]
@@ -102,14 +106,20 @@ class TPExecutor:
     """Rank 0 of `tp` ranks (this process) and the `tp - 1` worker processes."""
 
     def __init__(self, model: Transformer, tp: int, runner_kwargs: dict[str, Any],
-                 model_dir: str | Path | None = None, dtype: Any = None):
-        """`model`: rank 0's whole copy (sliced here in place). Workers load `model_dir` themselves
-        when given, else receive `model` through shared memory."""
+                 model_dir: str | Path | None = None, dtype: Any = None, device: torch.device | None = None):
+        """`model`: rank 0's whole copy, best in host memory (sliced here in place; only the slice
+        goes to `device`). Workers load `model_dir` themselves when given, else receive `model`
+        through shared memory; each moves only its own slice to its device."""
         if dist.is_initialized():
             raise ConfigError("tensor_parallel_size > 1 starts its own process group: this process already "
                               "belongs to one (run the engine in a process of its own)")
         self.tp = tp
-        device = model.embed_tokens.weight.device
+        device = device or model.embed_tokens.weight.device
+        if device.type == "cuda":
+            first = device.index or 0
+            if first + tp > torch.cuda.device_count():
+                raise ConfigError(f"tensor_parallel_size={tp} from cuda:{first} needs {first + tp} GPUs; "
+                                  f"{torch.cuda.device_count()} are visible")
         self._dir = tempfile.mkdtemp(prefix="lmfleet-tp-")
         store = str(Path(self._dir) / "store")
         threads = max(1, torch.get_num_threads() // tp)
@@ -130,18 +140,34 @@ class TPExecutor:
             self.workers.append(proc)
         self._dead: str | None = None
         self._stopped = False
+        self._in_step = False
         try:
             torch.set_num_threads(threads)
             _init_group(0, tp, store, device)
-            self.runner, self.layout = _runner(model.to(device), tp, 0, runner_kwargs)
+            self.runner, self.layout = _runner(model, tp, 0, runner_kwargs, device)
+            deadline = time.monotonic() + START_TIMEOUT_S
             for _ in self.workers:
-                answer = ready.get(timeout=START_TIMEOUT_S)
+                answer = self._next_ready(ready, deadline)
                 if not isinstance(answer, int):
                     raise ExecutorDied(f"a tensor-parallel worker failed to start: {answer}")
             del pinned, source
         except BaseException:
             self.shutdown()
             raise
+
+    def _next_ready(self, ready: Any, deadline: float) -> Any:
+        """The next worker's start-up answer; a worker that died without one (the OOM killer)
+        or a start that takes past the deadline is an ExecutorDied naming it."""
+        while True:
+            try:
+                return ready.get(timeout=0.5)
+            except queue.Empty:
+                pass
+            for proc in self.workers:
+                if not proc.is_alive():
+                    return f"{proc.name} (pid {proc.pid}) exited with {proc.exitcode} while loading"
+            if time.monotonic() > deadline:
+                return f"not ready after {START_TIMEOUT_S:.0f} s"
 
     @property
     def sort_decodes(self) -> bool:
@@ -159,34 +185,46 @@ class TPExecutor:
             raise ExecutorDied(self._dead)
 
     def execute(self, meta: StepMetadata) -> torch.Tensor:
+        """One step on every rank. Any failure is the engine's end (ExecutorDied): once the step is
+        sent the workers are inside its collectives, and a rank that left it cannot be brought
+        back in step with them."""
         self._check_workers()
+        self._in_step = True
         try:
             dist.broadcast_object_list([meta], src=0)
             return self.runner.execute(meta)
-        except Exception:
-            self._check_workers()  # a dead worker explains it: ExecutorDied
-            raise
+        except Exception as exc:
+            self._check_workers()  # a dead worker explains it
+            self._dead = f"tensor-parallel rank 0 failed during a step: {type(exc).__name__}: {exc}"
+            raise ExecutorDied(self._dead) from exc
+        finally:
+            self._in_step = False
 
     def shutdown(self) -> None:
         """Stop the workers (asked, then terminated) and leave the process group; idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        if dist.is_initialized():
+        # A step still running in another thread is inside a collective: no collective from here
+        # (nor destroying the group under it); the workers are terminated instead.
+        collective = dist.is_initialized() and not self._in_step
+        asked = False
+        if collective:
             if self._dead is None and all(p.is_alive() for p in self.workers):
+                asked = True
                 try:
                     dist.broadcast_object_list([None], src=0)
                 except Exception:  # noqa: BLE001 - the workers are stopped below either way
                     pass
         for proc in self.workers:
-            proc.join(timeout=10)
+            proc.join(timeout=10 if asked else 0)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        if dist.is_initialized():
+        if collective:
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001

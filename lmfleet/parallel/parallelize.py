@@ -42,6 +42,14 @@ def check_parallel(config: ModelConfig, dims: ParallelDims) -> None:
                               "set model.tie_word_embeddings=false")
 
 
+def check_micro_batches(dims: ParallelDims, grad_accum: int, schedule: str) -> None:
+    """1F1B keeps every stage busy only with at least as many micro-batches as stages."""
+    if dims.pp > 1 and schedule == "1f1b" and grad_accum < dims.pp:
+        raise ConfigError(f"pp={dims.pp} with the 1f1b schedule needs at least {dims.pp} micro-batches per step, "
+                          f"and batch.grad_accum={grad_accum} gives {grad_accum} (at {dims.dp} data-parallel "
+                          "rank(s)); raise batch.grad_accum or batch.global_batch, or use --pp-schedule gpipe")
+
+
 def apply_tp(model: Transformer, tp_mesh: Any) -> None:
     """Split every block's linears over `tp_mesh` as TP_PLAN says (DTensor parameters, local
     activations in between; the rowwise layers' partial sums are all-reduced in forward, and the

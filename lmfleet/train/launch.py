@@ -24,7 +24,7 @@ import torch
 from lmfleet.data.corpus import Corpus
 from lmfleet.errors import ConfigError, LmfleetError
 from lmfleet.parallel.mesh import ParallelDims
-from lmfleet.parallel.parallelize import check_parallel
+from lmfleet.parallel.parallelize import check_micro_batches, check_parallel
 from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
 
@@ -96,6 +96,9 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
         raise ConfigError(f"--nnodes={spec.nnodes_arg} needs --rdzv-endpoint HOST:PORT (the same on every node)")
     if spec.max_restarts < 0:
         raise ConfigError(f"--max-restarts={spec.max_restarts} must be >= 0")
+    if spec.elastic and config.train.strategy == "diloco":
+        raise ConfigError(f"--nnodes={spec.nnodes_arg} with strategy 'diloco': a DiLoCo run cannot change its world "
+                          "size (each rank's replica is its own); give a fixed --nnodes")
     if spec.elastic and config.batch.global_batch is None:
         raise ConfigError(f"--nnodes={spec.nnodes_arg}: an elastic run needs batch.global_batch, the sequences per "
                           "step kept whatever the number of nodes (gradient accumulation adjusts)")
@@ -114,8 +117,17 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
         if not spec.allow_new_data:
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
         # The checkpoint's global batch, whatever this run's world size: the loss curve continues.
-        config.batch.global_batch = meta["global_batch"]
+        saved_batch = meta.get("global_batch")
+        if not isinstance(saved_batch, int) or isinstance(saved_batch, bool) or saved_batch < 1:
+            raise LmfleetError(f"cannot resume from {selection.path}: its meta.json has global_batch="
+                               f"{saved_batch!r}, not a positive integer")
+        asked = config.global_batch(config.dp_degree(spec.world_size))
+        config.batch.global_batch = saved_batch
         print(selection.describe(), file=sys.stderr, flush=True)
+        if asked != saved_batch:
+            print(f"keeping the checkpoint's global batch of {saved_batch} sequences per step (this run's "
+                  f"micro_batch x grad_accum x data-parallel ranks would make {asked}); grad_accum is derived "
+                  "from it", file=sys.stderr, flush=True)
     else:
         held = sorted(ckpt.step_dirs(run_dir) + ckpt.unrenamed_saves(run_dir))  # nothing is deleted here
         if held:
@@ -129,7 +141,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     for world in spec.world_sizes:  # workers re-derive grad_accum at the world size they find
         dims = ParallelDims.for_world(world, config.parallel.tp, config.parallel.pp)
         check_parallel(model_config, dims)
-        config.derive_grad_accum(dims.dp)
+        check_micro_batches(dims, config.derive_grad_accum(dims.dp), config.parallel.pp_schedule)
     config.derive_grad_accum(config.dp_degree(spec.world_size))
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)

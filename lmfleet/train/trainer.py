@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from lmfleet.compress.evaluate import evaluate_perplexity
 from lmfleet.data.corpus import Corpus
 from lmfleet.data.loader import TokenLoader
-from lmfleet.errors import ConfigError
+from lmfleet.errors import ConfigError, LmfleetError
 from lmfleet.model.checkpoint import save_model
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import Transformer, build_model
 from lmfleet.parallel.mesh import DistInfo, ParallelDims, destroy_distributed, init_distributed
-from lmfleet.parallel.parallelize import check_parallel, parallelize
+from lmfleet.parallel.parallelize import check_micro_batches, check_parallel, parallelize
 from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
 from lmfleet.train.metrics import MetricsWriter, peak_flops, peak_memory_bytes, read_metrics
@@ -148,6 +148,7 @@ class Trainer:
         self.dims = ParallelDims.for_world(info.world_size, config.parallel.tp, config.parallel.pp)
         config.derive_grad_accum(self.dims.dp)  # the global batch is kept whatever the world size
         check_parallel(self.model_config, self.dims)
+        check_micro_batches(self.dims, config.batch.grad_accum, config.parallel.pp_schedule)
         model = build_model(self.model_config, seed=config.train.seed, device=info.device,
                             dtype=self.param_dtype)
         mesh = self.dims.build_mesh(info.device.type) if self.dims.model_parallel else None
@@ -198,6 +199,10 @@ class Trainer:
                                     self.config.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
+        saved_world = ckpt.read_meta(path).get("world_size")
+        if self.config.train.strategy == "diloco" and saved_world != self.info.world_size:
+            raise LmfleetError(f"cannot resume {path}: a DiLoCo run written by {saved_world} processes cannot go on "
+                               f"with {self.info.world_size} (each rank's replica is its own)")
         sharded = self.strategy.sharded_state(self.optimizer)
         local = ckpt.load_checkpoint(path, self.info.rank, sharded,
                                      same_world=self.config.train.strategy == "diloco")
