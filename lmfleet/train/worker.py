@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from lmfleet.train.launch import RUN_CONFIG
 from lmfleet.train.trainer import run_training
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (0, or 1 after a one-line error)."""
     parser = argparse.ArgumentParser(prog="lmfleet.train.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume-from", type=Path, default=None)
@@ -26,8 +28,15 @@ def main(argv: list[str] | None = None) -> None:
                      checkpoint_on_sigterm=args.checkpoint_on_sigterm)
     except LmfleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
+    # The run is done (checkpoint, export and process group all closed): leave without the C++
+    # static destructors, where a gloo worker sometimes aborts ("terminate called without an
+    # active exception") and so turns a finished run into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
