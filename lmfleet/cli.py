@@ -167,6 +167,7 @@ def info(
     table.add_row("dtype", details["dtype"])
     table.add_row("size on disk", f"{_human_bytes(details['size_bytes'])} in {details['weight_files']} weight file(s)")
     table.add_row("tokenizer", "yes" if details["has_tokenizer"] else "no")
+    table.add_row("quantization", details["quantization"] or "none")
     for key, value in details["config"].items():
         table.add_row(key, str(value))
     out.print(table)
@@ -283,6 +284,27 @@ def train(
                   f"{summary.get('val_perplexity', float('nan')):.2f})")
     else:
         out.print(f"run directory: {summary.get('run_dir')}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout, floating point).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New model directory to write (must not exist).")],
+    method: Annotated[str, typer.Option(help="int8: weight-only, one scale per output channel.")] = "int8",
+) -> None:
+    """Quantize a model's linear layers into a new model directory that `lmfleet serve` runs."""
+    from lmfleet.compress.quantize import quantization_config, quantize_model
+    from lmfleet.model import load_model, load_tokenizer, save_model
+
+    if out_dir.exists():
+        raise ConfigError(f"--out {out_dir} already exists; give a new directory (nothing was written)")
+    model = load_model(model_dir)
+    quantize_model(model, method)
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    save_model(model, out_dir, tokenizer=tokenizer, extra_config={"quantization_config":
+                                                                   quantization_config(model, method)})
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    out.print(f"{method}: {out_dir} ({_human_bytes(size)})")
 
 
 @app.command("eval")

@@ -141,6 +141,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         config = self.model.config
         check_tp(config, tensor_parallel_size)
+        if tensor_parallel_size > 1:
+            from lmfleet.compress.quantize import quantized_modules
+
+            if quantized_modules(self.model):
+                raise ConfigError("tensor_parallel_size > 1 with a quantized model is not supported yet: serve "
+                                  "the floating-point model with tensor parallelism, or the quantized one on one rank")
         self.tensor_parallel_size = tensor_parallel_size
         kv_heads = tp_layout(config, tensor_parallel_size, 0).kv_heads  # per rank: its share of the cache
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)

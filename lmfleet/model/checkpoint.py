@@ -150,6 +150,13 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = torch.
     torch_dtype = parse_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype"))
     with torch.device("meta"):
         model = Transformer(config)
+    if raw.get("quantization_config") is not None:
+        from lmfleet.compress.quantize import prepare_quantized
+
+        try:
+            prepare_quantized(model, raw["quantization_config"], str(directory / "config.json"))
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
     state = load_state_dict(directory, torch_dtype, device)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -265,8 +272,16 @@ def model_info(path: str | os.PathLike) -> dict[str, Any]:
         "weight_files": len(files),
         "size_bytes": size,
         "has_tokenizer": (directory / "tokenizer.json").is_file(),
+        "quantization": _quantization_summary(_read_json(directory / "config.json").get("quantization_config")),
         "config": config.to_dict(),
     }
+
+
+def _quantization_summary(config: Any) -> str | None:
+    if not isinstance(config, dict):
+        return None
+    modules = config.get("modules") or []
+    return f"{config.get('format')}: {len(modules)} linear layers, {config.get('bits')}-bit weights"
 
 
 __all__ = ["load_model", "save_model", "read_config", "load_state_dict", "model_info", "parse_dtype",

@@ -119,7 +119,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 
 def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the concatenation of the given ones' outputs."""
+    """One Linear whose output is the concatenation of the given ones' outputs (a layer type of
+    another kind, such as a quantized one, concatenates itself)."""
+    if not isinstance(linears[0], nn.Linear):
+        return type(linears[0]).concat(linears)
     weight = torch.cat([lin.weight.detach() for lin in linears])
     has_bias = linears[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")

@@ -1,0 +1,139 @@
+"""Weight-only int8 quantization against the floating-point model it came from: the stored
+integers against an independent recomputation, logits against fp32, the engine's kernel against
+the reference layer, and the quantized directory served through `lmfleet serve`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmfleet.compress.quantize import QuantizedLinear, quantize_int8
+from lmfleet.model import load_model
+
+from .helpers import assert_one_line_error, chat_model_dir, free_port, run_cli
+
+
+@pytest.fixture(scope="module")
+def dirs(tokenizer, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compress")
+    fp32 = chat_model_dir(root, tokenizer, 256, 41)
+    result = run_cli("quantize", str(fp32), "--out", str(root / "int8"), "--method", "int8")
+    assert result.returncode == 0, result.stderr
+    return fp32, root / "int8"
+
+
+def test_int8_rows_round_to_their_own_scale() -> None:
+    """Per output channel: scale = max|w| / 127, every element within half a step of its value."""
+    w = torch.randn(48, 64, dtype=torch.float64) * torch.logspace(-3, 1, 48, dtype=torch.float64)[:, None]
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (48,)
+    assert torch.allclose(scales.double(), w.abs().amax(dim=1) / 127, rtol=1e-6)
+    assert (q.abs().amax(dim=1) == 127).all()  # each row's largest weight uses the full range
+    error = (q.double() * scales.double()[:, None] - w).abs()
+    assert (error <= scales.double()[:, None] / 2 * (1 + 1e-5)).all()
+
+
+def test_the_quantized_directory_holds_what_an_independent_quantization_gives(dirs) -> None:
+    fp32_dir, int8_dir = dirs
+    config = json.loads((int8_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "lmfleet-int8/1" and config["bits"] == 8 and len(config["modules"]) == 4 * 7
+    stored = load_file(str(int8_dir / "model.safetensors"))
+    original = load_file(str(fp32_dir / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    assert f"{name}.weight" not in stored and stored[f"{name}.qweight"].dtype == torch.int8
+    w = original[f"{name}.weight"].float()
+    scale = w.abs().amax(dim=1) / 127
+    assert torch.equal(stored[f"{name}.qweight"], torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    assert torch.allclose(stored[f"{name}.scales"], scale)
+    assert torch.equal(stored["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    on_disk = sum(f.stat().st_size for f in int8_dir.glob("*.safetensors"))
+    assert on_disk < 0.8 * sum(f.stat().st_size for f in fp32_dir.glob("*.safetensors"))
+    info = run_cli("info", str(int8_dir), "--json")
+    assert json.loads(info.stdout)["quantization"].startswith("lmfleet-int8/1: 28 linear layers")
+
+
+def test_int8_logits_stay_close_to_fp32(dirs) -> None:
+    fp32_dir, int8_dir = dirs
+    fp32, int8 = load_model(fp32_dir), load_model(int8_dir)
+    assert isinstance(int8.layers[0].self_attn.q_proj, QuantizedLinear)
+    ids = torch.randint(0, 400, (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fp32(ids), int8(ids)
+    relative = ((a - b).norm() / a.norm()).item()
+    assert relative < 0.02, relative
+
+
+def test_the_engines_int8_kernel_matches_the_reference_layer() -> None:
+    """Int8WeightLinear (aten's int8 kernel, bf16 activations) against QuantizedLinear's
+    dequantize-then-matmul in fp32: equal up to bf16 rounding of the activations."""
+    from lmfleet.engine.linear import Int8WeightLinear, int8_kernel_available
+
+    assert int8_kernel_available()
+    linear = torch.nn.Linear(256, 96, bias=True)
+    layer = QuantizedLinear.from_linear(linear)
+    x = torch.randn(5, 7, 256)
+    with torch.no_grad():
+        reference, kernel = layer(x), Int8WeightLinear(layer)(x)
+    assert kernel.shape == reference.shape and kernel.dtype == torch.float32
+    assert ((kernel - reference).norm() / reference.norm()).item() < 1e-2
+
+
+def test_the_engine_and_the_server_run_the_quantized_directory(dirs) -> None:
+    """The engine fuses q|k|v and gate|up of the quantized layers and runs them through the int8
+    kernel; `lmfleet serve` answers the openai client with the engine's own greedy text."""
+    from lmfleet.engine import LLMEngine, SamplingParams
+    from lmfleet.engine.linear import Int8WeightLinear
+
+    _, int8_dir = dirs
+    engine = LLMEngine(int8_dir, kv_cache_memory=4 * 2**20)
+    assert isinstance(engine.runner.model.layers[0].self_attn.qkv_proj, Int8WeightLinear)
+    reference = engine.generate(["The quick brown"], SamplingParams(max_tokens=12, temperature=0))[0]
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(int8_dir), "--port",
+                             str(port), "--kv-cache-memory", "4MiB", "--served-model-name", "q8", "--log-level",
+                             "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+        answer = client.completions.create(model="q8", prompt="The quick brown", max_tokens=12, temperature=0)
+        assert answer.choices[0].text == reference.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_bad_quantization_input_is_one_line_and_writes_nothing(dirs, tmp_path) -> None:
+    fp32_dir, int8_dir = dirs
+    assert_one_line_error(run_cli("quantize", str(int8_dir), "--out", str(tmp_path / "again")), "already quantized")
+    assert not (tmp_path / "again").exists()
+    assert_one_line_error(run_cli("quantize", str(fp32_dir), "--out", str(int8_dir)), "already exists")
+    assert_one_line_error(run_cli("quantize", str(fp32_dir), "--out", str(tmp_path / "x"), "--method", "int3"),
+                          "'int3' is not one of ['int8']")
+    assert not (tmp_path / "x").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in int8_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"]["modules"].append("layers.9.mlp.up_proj")
+    (broken / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("generate", str(broken), "hi", "--max-tokens", "2"),
+                          "names 'layers.9.mlp.up_proj', which the model does not have")
