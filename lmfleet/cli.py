@@ -291,6 +291,8 @@ def quantize_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout, floating point).")],
     out_dir: Annotated[Path, typer.Option("--out", help="New model directory to write (must not exist).")],
     method: Annotated[str, typer.Option(help="int8: weight-only, one scale per output channel.")] = "int8",
+    include_head: Annotated[bool, typer.Option(help="Quantize the LM head too (a tied head is untied: the "
+                                               "embedding stays floating point).")] = False,
 ) -> None:
     """Quantize a model's linear layers into a new model directory that `lmfleet serve` runs."""
     from lmfleet.compress.quantize import quantization_config, quantize_model
@@ -299,7 +301,7 @@ def quantize_cmd(
     if out_dir.exists():
         raise ConfigError(f"--out {out_dir} already exists; give a new directory (nothing was written)")
     model = load_model(model_dir)
-    quantize_model(model, method)
+    quantize_model(model, method, include_head=include_head)
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     save_model(model, out_dir, tokenizer=tokenizer, extra_config={"quantization_config":
                                                                    quantization_config(model, method)})

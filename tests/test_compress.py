@@ -137,3 +137,28 @@ def test_bad_quantization_input_is_one_line_and_writes_nothing(dirs, tmp_path) -
     (broken / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run_cli("generate", str(broken), "hi", "--max-tokens", "2"),
                           "names 'layers.9.mlp.up_proj', which the model does not have")
+
+
+def test_the_head_quantized_too_unties_it_and_the_engine_runs_it(dirs, tmp_path) -> None:
+    """--include-head on a model whose head is tied to the embedding: the head is stored as int8,
+    the embedding stays fp32 for the lookup, config.json says untied; close to fp32 still."""
+    from lmfleet.engine import LLMEngine, SamplingParams
+    from lmfleet.engine.linear import Int8WeightLinear
+
+    fp32_dir, _ = dirs
+    assert json.loads((fp32_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    out = tmp_path / "int8-head"
+    result = run_cli("quantize", str(fp32_dir), "--out", str(out), "--include-head")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" in config["quantization_config"]["modules"]
+    stored, original = load_file(str(out / "model.safetensors")), load_file(str(fp32_dir / "model.safetensors"))
+    assert stored["lm_head.qweight"].dtype == torch.int8
+    assert torch.equal(stored["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    ids = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = load_model(fp32_dir)(ids), load_model(out)(ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.03
+    engine = LLMEngine(out, kv_cache_memory=4 * 2**20)
+    assert isinstance(engine.runner.model.lm_head, Int8WeightLinear)
+    assert len(engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids) == 8

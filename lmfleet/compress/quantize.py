@@ -15,6 +15,7 @@ swaps it for a kernel (`lmfleet/engine/linear.py`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from lmfleet.errors import ConfigError
 
 FORMAT_INT8 = "lmfleet-int8/1"
 METHODS = ("int8",)
-# The block linears; the embedding and the LM head stay in floating point.
+# The block linears; the embedding stays in floating point, the LM head too unless asked.
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -90,8 +91,10 @@ def quantization_config(model: nn.Module, method: str) -> dict[str, Any]:
             "method": method, "modules": quantized_modules(model)}
 
 
-def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
-    """Swap every block linear of `model` (in place) for its quantized form; returns the model."""
+def quantize_model(model: nn.Module, method: str = "int8", include_head: bool = False) -> nn.Module:
+    """Swap every block linear of `model` (in place) for its quantized form, and the LM head too
+    with `include_head` (a head tied to the embedding is untied: the embedding stays floating
+    point for the lookup); returns the model."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r} is not one of {list(METHODS)}")
     if quantized_modules(model):
@@ -101,6 +104,10 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             setattr(parent, child, QuantizedLinear.from_linear(getattr(parent, child)))
+    if include_head:
+        if model.config.tie_word_embeddings:
+            model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        model.lm_head = QuantizedLinear.from_linear(model.lm_head)
     return model
 
 
