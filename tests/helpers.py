@@ -54,3 +54,30 @@ def chat_model_dir(root, tokenizer, max_position_embeddings: int, seed: int):
     path = root / "model"
     save_model(build_model(config, seed=seed), path, tokenizer=tokenizer)
     return path
+
+
+def serve_process(model_dir, *args: str, cwd=None, env=None, timeout: float = 120):
+    """`lmfleet serve MODEL_DIR --port P ARGS` (the installed entry point), once healthy: the
+    process (stdout and stderr in one pipe) and its URL. Fails with the server's output if it
+    exits or stays unhealthy past `timeout` seconds."""
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(model_dir), "--port",
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=cwd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.3)

@@ -5,12 +5,8 @@ the reference layer, and the quantized directory served through `lmfleet serve`.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -19,7 +15,7 @@ from safetensors.torch import load_file
 from lmfleet.compress.quantize import QuantizedLinear, quantize_int8
 from lmfleet.model import load_model
 
-from .helpers import assert_one_line_error, chat_model_dir, free_port, run_cli
+from .helpers import assert_one_line_error, chat_model_dir, run_cli, serve_process
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +93,9 @@ def test_the_engine_and_the_server_run_the_quantized_directory(dirs) -> None:
     engine = LLMEngine(int8_dir, kv_cache_memory=4 * 2**20)
     assert isinstance(engine.runner.model.layers[0].self_attn.qkv_proj, Int8WeightLinear)
     reference = engine.generate(["The quick brown"], SamplingParams(max_tokens=12, temperature=0))[0]
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(int8_dir), "--port",
-                             str(port), "--kv-cache-memory", "4MiB", "--served-model-name", "q8", "--log-level",
-                             "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = serve_process(int8_dir, "--kv-cache-memory", "4MiB", "--served-model-name", "q8",
+                              "--log-level", "warning")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.3)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
         answer = client.completions.create(model="q8", prompt="The quick brown", max_tokens=12, temperature=0)
         assert answer.choices[0].text == reference.text

@@ -4,9 +4,6 @@ logits of the unsplit model (float64, so only the order of the sums differs)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +19,7 @@ from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import build_model
 from lmfleet.parallel.tensor_parallel import check_tp, shard_for_inference, tp_layout, tp_memory
 
-from .helpers import chat_model_dir, free_port
+from .helpers import chat_model_dir, serve_process
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128)
@@ -218,23 +215,8 @@ def test_tp_sizes_that_do_not_fit_the_model_are_refused_before_any_process_start
 
 def _tp_server(model_dir: Path, cwd: Path):
     """`lmfleet serve --tensor-parallel-size 2`, healthy; returns the process and its URL."""
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(model_dir),
-                             "--tensor-parallel-size", "2", "--port", str(port), "--kv-cache-memory", "4MiB",
-                             "--served-model-name", "tp", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.3)
+    return serve_process(model_dir, "--tensor-parallel-size", "2", "--kv-cache-memory", "4MiB",
+                         "--served-model-name", "tp", "--log-level", "warning", cwd=cwd)
 
 
 def _workers(proc) -> list[psutil.Process]:
