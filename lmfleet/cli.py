@@ -261,7 +261,7 @@ def train(
 ) -> None:
     """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes, tensor and
     pipeline parallel (--tp, --pp) with data parallel over the rest."""
-    from lmfleet.train import LaunchSpec, TrainConfig, launch
+    from lmfleet.train import LaunchSpec, TrainConfig
     from lmfleet.train.launch import parse_nnodes
 
     fields = _parse_overrides(overrides or [])
@@ -273,8 +273,15 @@ def train(
     config = TrainConfig.load(config_path).apply_overrides(fields)
     min_nodes, max_nodes = parse_nnodes(nnodes)
     spec = LaunchSpec(nproc=nproc, nnodes=min_nodes, max_nnodes=max_nodes, node_rank=node_rank,
-                      rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf, max_restarts=max_restarts, resume=resume, allow_new_data=allow_new_data,
-                      checkpoint_on_sigterm=checkpoint_on_sigterm)
+                      rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf, max_restarts=max_restarts, resume=resume,
+                      allow_new_data=allow_new_data, checkpoint_on_sigterm=checkpoint_on_sigterm)
+    _launch(config, spec)
+
+
+def _launch(config, spec) -> None:
+    """Run a training job and print how it ended."""
+    from lmfleet.train import launch
+
     summary = launch(config, spec)
     if summary.get("stopped_at") is not None:
         out.print(f"stopped by SIGTERM after step {summary['stopped_at']}: checkpoint {summary['checkpoint']} "
@@ -286,27 +293,138 @@ def train(
         out.print(f"run directory: {summary.get('run_dir')}")
 
 
+@app.command("distill")
+def distill_cmd(
+    teacher_dir: Annotated[Path, typer.Argument(metavar="TEACHER_DIR", help="The teacher model directory.")],
+    config_path: Annotated[Path, typer.Argument(metavar="STUDENT_CONFIG.toml", help="The student's training config.")],
+    data: Annotated[Path | None, typer.Option(help="Corpus directory, tokenized with the teacher's tokenizer "
+                                              "(overrides [data] dir).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (overrides [train] out_dir).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the KL term "
+                                                      "(overrides [distill] temperature).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the KL term; 1 - alpha weighs the cross-entropy "
+                                                "(overrides [distill] alpha).")] = None,
+    nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
+    strategy: Annotated[str | None, typer.Option(help="ddp, fsdp (the teacher is sharded too) or diloco.")] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest complete checkpoint.")] = False,
+    checkpoint_on_sigterm: Annotated[bool, typer.Option(help="On SIGTERM, finish the current step, checkpoint it "
+                                                        "and exit 0.")] = True,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: section.key=value.")] = None,
+) -> None:
+    """Train a student model on a teacher's soft targets (KL at a temperature, plus cross-entropy)
+    with the distributed trainer: strategies, checkpoints, resume and SIGTERM apply as in `train`."""
+    from lmfleet.train import LaunchSpec, TrainConfig
+
+    fields = _parse_overrides(overrides or [])
+    fields["distill.teacher"] = str(teacher_dir)
+    for key, value in (("data.dir", data), ("train.out_dir", out_dir), ("train.steps", steps),
+                       ("train.strategy", strategy), ("distill.temperature", temperature), ("distill.alpha", alpha)):
+        if value is not None:
+            fields[key] = str(value) if isinstance(value, Path) else value
+    config = TrainConfig.load(config_path).apply_overrides(fields)
+    _launch(config, LaunchSpec(nproc=nproc, max_restarts=max_restarts, resume=resume,
+                               checkpoint_on_sigterm=checkpoint_on_sigterm))
+
+
+def _calibration(model_dir: Path, data: Path | None, samples: int, seq_len: int, vocab_size: int, what: str):
+    """Calibration windows from --data, or None when no data was given."""
+    from lmfleet.compress.calibrate import calibration_ids
+
+    if data is None:
+        raise ConfigError(f"{what} needs calibration data: give --data (a corpus from `lmfleet data prepare`)")
+    return calibration_ids(data, samples, seq_len, vocab_size)
+
+
+def _layer_progress(what: str):
+    def progress(done: int, total: int) -> None:
+        console.print(f"{what}: block {done}/{total}")
+    return progress
+
+
+def _write_compressed(model, model_dir: Path, out_dir: Path, extra_config: dict, label: str) -> None:
+    from lmfleet.model import load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    save_model(model, out_dir, tokenizer=tokenizer, extra_config=extra_config)
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    out.print(f"{label}: {out_dir} ({_human_bytes(size)})")
+
+
+def _check_out(out_dir: Path) -> None:
+    if out_dir.exists():
+        raise ConfigError(f"--out {out_dir} already exists; give a new directory (nothing was written)")
+
+
 @app.command("quantize")
 def quantize_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout, floating point).")],
     out_dir: Annotated[Path, typer.Option("--out", help="New model directory to write (must not exist).")],
-    method: Annotated[str, typer.Option(help="int8: weight-only, one scale per output channel.")] = "int8",
+    method: Annotated[str, typer.Option(help="int8: one scale per output channel; int4: a scale and zero "
+                                        "point per group of input columns.")] = "int8",
+    group_size: Annotated[int, typer.Option(help="int4: input columns per group (32, 64, 128 or 256; must "
+                                            "divide every layer's input size).")] = 64,
+    calibrate: Annotated[str, typer.Option(help="int4: none (round to nearest), gptq or awq.")] = "none",
+    data: Annotated[Path | None, typer.Option(help="Calibration corpus (from `lmfleet data prepare`), for "
+                                              "--calibrate gptq|awq.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows drawn from the corpus's train split.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     include_head: Annotated[bool, typer.Option(help="Quantize the LM head too (a tied head is untied: the "
                                                "embedding stays floating point).")] = False,
 ) -> None:
     """Quantize a model's linear layers into a new model directory that `lmfleet serve` runs."""
-    from lmfleet.compress.quantize import quantization_config, quantize_model
-    from lmfleet.model import load_model, load_tokenizer, save_model
+    from lmfleet.compress.calibrate import quantize_calibrated
+    from lmfleet.compress.quantize import CALIBRATIONS, check_quantize, quantization_config, quantize_model
+    from lmfleet.model import load_model
 
-    if out_dir.exists():
-        raise ConfigError(f"--out {out_dir} already exists; give a new directory (nothing was written)")
+    _check_out(out_dir)
+    if calibrate not in CALIBRATIONS:
+        raise ConfigError(f"--calibrate {calibrate!r} is not one of {list(CALIBRATIONS)}")
+    if calibrate != "none" and method != "int4":
+        raise ConfigError(f"--calibrate {calibrate} applies to --method int4 (int8 rounds to nearest)")
     model = load_model(model_dir)
-    quantize_model(model, method, include_head=include_head)
-    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    save_model(model, out_dir, tokenizer=tokenizer, extra_config={"quantization_config":
-                                                                   quantization_config(model, method)})
-    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    out.print(f"{method}: {out_dir} ({_human_bytes(size)})")
+    check_quantize(model, method, group_size if method == "int4" else None, include_head)
+    if calibrate == "none":
+        quantize_model(model, method, include_head=include_head, group_size=group_size if method == "int4" else None)
+    else:
+        ids = _calibration(model_dir, data, samples, min(seq_len, model.config.max_position_embeddings),
+                           model.config.vocab_size, f"--calibrate {calibrate}")
+        quantize_calibrated(model, ids, calibrate, group_size, include_head=include_head,
+                            progress=_layer_progress(calibrate))
+    config = quantization_config(model, method, group_size if method == "int4" else None, calibrate)
+    label = method if method == "int8" else f"int4 g{group_size}" + ("" if calibrate == "none" else f" {calibrate}")
+    _write_compressed(model, model_dir, out_dir, {"quantization_config": config}, label)
+
+
+@app.command("prune")
+def prune_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout, floating point).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New model directory to write (must not exist).")],
+    sparsity: Annotated[float | None, typer.Option(help="Fraction of each block linear's weights set to zero, "
+                                                   "in [0, 1) (implied by --pattern).")] = None,
+    method: Annotated[str, typer.Option(help="magnitude (|W|, per layer) or wanda (|W|·||X||, per output "
+                                        "row; needs --data).")] = "magnitude",
+    pattern: Annotated[str | None, typer.Option(help="N:M: keep N of every M consecutive input weights "
+                                                "(e.g. 2:4).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Calibration corpus, for --method wanda.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows drawn from the corpus's train split.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+) -> None:
+    """Set a fraction of a model's block weights to zero; writes a new floating-point model directory."""
+    from lmfleet.compress.prune import check_prune, parse_pattern, prune_model
+    from lmfleet.model import load_model
+
+    _check_out(out_dir)
+    model = load_model(model_dir)
+    check_prune(model, method, sparsity, parse_pattern(pattern))
+    ids = None
+    if method == "wanda":
+        ids = _calibration(model_dir, data, samples, min(seq_len, model.config.max_position_embeddings),
+                           model.config.vocab_size, "--method wanda")
+    config = prune_model(model, method, sparsity, pattern, ids, progress=_layer_progress(method))
+    _write_compressed(model, model_dir, out_dir, {"pruning_config": config},
+                      f"{method} {config['pattern'] or ''} sparsity {config['achieved']:.4f}".replace("  ", " "))
 
 
 @app.command("eval")

@@ -110,7 +110,7 @@ def test_bad_quantization_input_is_one_line_and_writes_nothing(dirs, tmp_path) -
     assert not (tmp_path / "again").exists()
     assert_one_line_error(run_cli("quantize", str(fp32_dir), "--out", str(int8_dir)), "already exists")
     assert_one_line_error(run_cli("quantize", str(fp32_dir), "--out", str(tmp_path / "x"), "--method", "int3"),
-                          "'int3' is not one of ['int8']")
+                          "'int3' is not one of ['int8', 'int4']")
     assert not (tmp_path / "x").exists()
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -2,7 +2,7 @@
 
 `apply_linear_method(model, name)` swaps every `nn.Linear` for the chosen method's module, in
 place. The methods here are dense (fp32/bf16). Layers already quantized in the model directory
-(`lmfleet quantize`, `QuantizedLinear`) run through `Int8WeightLinear` on CPU whatever the
+(`lmfleet quantize`) run through `Int8WeightLinear` or `Int4WeightLinear` on CPU whatever the
 method; elsewhere through their reference forward (dequantize, then matmul).
 """
 
@@ -79,8 +79,55 @@ class Int8WeightLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class Int4WeightLinear(nn.Module):
+    """An int4 layer's `x @ W^T + b` through aten's CPU int4 weight-only kernel
+    (`_weight_int4pack_mm_for_cpu`), with bf16 activations like `Int8WeightLinear`. The kernel
+    computes each weight as `(q - 8) * scale + offset`; our `scale * (q - zero)` is that with
+    `offset = scale * (8 - zero)`. The weights are repacked once into the kernel's layout."""
+
+    def __init__(self, layer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        from lmfleet.compress.quantize import unpack_int4
+
+        self.compute_dtype, self.group_size = compute_dtype, layer.group_size
+        q = unpack_int4(layer.qweight).to(torch.int32).contiguous()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        scales = layer.scales.float()
+        offsets = scales * (8 - layer.zeros.float())
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), offsets.t()], dim=-1)
+                             .to(compute_dtype).contiguous(), persistent=False)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                          self.scales_and_zeros).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + self.bias
+
+
 def int8_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int4_kernel_fits(layer: nn.Module) -> bool:
+    """aten's CPU int4 kernel takes groups of 32-256 and a multiple of 16 output rows."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and layer.out_features % 16 == 0 and \
+        layer.group_size in (32, 64, 128, 256)
+
+
+def quantized_kernel(layer: nn.Module, device: torch.device) -> nn.Module:
+    """The engine's module for a quantized layer: a CPU kernel where one fits, else the layer's
+    own reference forward (dequantize, then matmul)."""
+    from lmfleet.compress.quantize import Int4QuantizedLinear, QuantizedLinear
+
+    if device.type != "cpu":
+        return layer
+    if isinstance(layer, QuantizedLinear) and int8_kernel_available():
+        return Int8WeightLinear(layer)
+    if isinstance(layer, Int4QuantizedLinear) and int4_kernel_fits(layer):
+        return Int4WeightLinear(layer)
+    return layer
 
 
 def packed_linears_supported(dtype: torch.dtype) -> bool:
@@ -129,12 +176,12 @@ def apply_linear_method(model: nn.Module, method: str = "auto", max_rows: int | 
     device = next(model.parameters()).device
     method = resolve_linear_method(method, device, max_rows)
     make = _cpu_auto if method == "cpu-auto" else METHODS[method]
-    from lmfleet.compress.quantize import QuantizedLinear
+    from lmfleet.compress.quantize import QUANTIZED_TYPES
 
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, make(child, child_name))
-            elif isinstance(child, QuantizedLinear) and device.type == "cpu" and int8_kernel_available():
-                setattr(module, child_name, Int8WeightLinear(child))
+            elif isinstance(child, QUANTIZED_TYPES):
+                setattr(module, child_name, quantized_kernel(child, device))
     return model

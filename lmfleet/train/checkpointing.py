@@ -306,3 +306,20 @@ def check_same_corpus(path: str | Path, meta: dict[str, Any], corpus: dict[str, 
                            f"(sha256 {str(saved.get('sha256'))[:12]}), and --data {corpus['path']} is another "
                            f"corpus (sha256 {corpus['sha256'][:12]}); pass --allow-new-data to continue "
                            "on the new data")
+
+
+def check_same_teacher(path: str | Path, meta: dict[str, Any], teacher: dict[str, str] | None) -> None:
+    """Refuse to resume a distillation run with another teacher, or to mix distillation and
+    ordinary training in one run."""
+    saved = meta.get("teacher")
+    if saved is None and teacher is None:
+        return
+    if saved is None or teacher is None:
+        what = f"distilled from {saved.get('path')}" if saved else "trained without a teacher"
+        raise LmfleetError(f"cannot resume from {path}: it was {what}, and this run "
+                           + (f"distils from {teacher['path']}" if teacher else "has no teacher")
+                           + "; keep [distill] teacher as the run began")
+    if saved.get("sha256") != teacher["sha256"]:
+        raise LmfleetError(f"cannot resume from {path}: it was distilled from {saved.get('path')} (sha256 "
+                           f"{str(saved.get('sha256'))[:12]}), and this run's teacher {teacher['path']} is another "
+                           f"model (sha256 {teacher['sha256'][:12]})")

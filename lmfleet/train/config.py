@@ -120,9 +120,19 @@ def _check_type(name: str, value: Any, section_cls: type, key: str) -> Any:
     return value
 
 
+@dataclass
+class DistillSection:
+    # A teacher model directory: the run trains its model (the student) on the teacher's soft
+    # targets as well as the data (`lmfleet distill`); empty: ordinary training.
+    teacher: str = ""
+    temperature: float = 1.0  # softmax temperature of both distributions in the KL term
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
             "schedule": ScheduleSection, "train": TrainSection, "eval": EvalSection,
-            "checkpoint": CheckpointSection, "diloco": DilocoSection, "parallel": ParallelSection}
+            "checkpoint": CheckpointSection, "diloco": DilocoSection, "parallel": ParallelSection,
+            "distill": DistillSection}
 
 
 @dataclass
@@ -137,6 +147,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def validate(self, world_size: int | None = None) -> None:
         """Check every value; with `world_size`, also derive and check the batch split."""
@@ -174,6 +185,12 @@ class TrainConfig:
             raise ConfigError(f"train.strategy={self.train.strategy!r} with parallel.tp={self.parallel.tp}, "
                               f"parallel.pp={self.parallel.pp}: model parallelism runs with strategy 'ddp' "
                               "(gradients all-reduced over the data-parallel ranks)")
+        if not 0 < self.distill.temperature < float("inf") or not 0 <= self.distill.alpha <= 1:
+            raise ConfigError(f"distill.temperature={self.distill.temperature} must be > 0 and "
+                              f"distill.alpha={self.distill.alpha} in [0, 1]")
+        if self.distill.teacher and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ConfigError(f"distillation with parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp} is "
+                              "not supported yet: distil with strategy ddp, fsdp or diloco")
         if not self.data.dir:
             raise ConfigError("data.dir is empty: give the corpus directory (--data DIR or [data] dir = ...)")
         if world_size is not None:

@@ -105,6 +105,12 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     config.validate(spec.world_size)
     corpus = Corpus(config.data.dir)
     model_config = build_model_config(config, corpus)
+    teacher = None
+    if config.distill.teacher:
+        from lmfleet.compress.distill import check_teacher, teacher_identity
+
+        check_teacher(config.distill.teacher, model_config.vocab_size, corpus)
+        teacher = teacher_identity(config.distill.teacher)
     run_dir = Path(config.train.out_dir)
     if spec.resume:
         ckpt.remove_stale(run_dir)  # before the pick: a complete save whose rename never happened counts
@@ -116,6 +122,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
                                     model_config.to_dict(), config.data.seq_len, config.batch.global_batch)
         if not spec.allow_new_data:
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
+        ckpt.check_same_teacher(selection.path, meta, teacher)
         # The checkpoint's global batch, whatever this run's world size: the loss curve continues.
         saved_batch = meta.get("global_batch")
         if not isinstance(saved_batch, int) or isinstance(saved_batch, bool) or saved_batch < 1:

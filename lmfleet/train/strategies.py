@@ -109,6 +109,10 @@ class Strategy:
         """Context for one micro-step's forward/backward (gradient sync only on the last)."""
         return contextlib.nullcontext()
 
+    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """A distillation run's frozen teacher, as this strategy keeps it (here: a full replica)."""
+        return teacher
+
     def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
                          autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
         """Forward (under `autocast`) and backward of one optimizer step's micro-batches, gradients
@@ -208,10 +212,19 @@ class FSDPStrategy(Strategy):
             from torch.distributed._composable.fsdp import fully_shard
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        self.mesh = init_device_mesh(info.device.type, (info.world_size,))
+        self.fully_shard = fully_shard
         for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+
+    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Shard the teacher like the student: each rank holds 1/world of it, gathered block by
+        block in its forward."""
+        for block in teacher.layers:
+            self.fully_shard(block, mesh=self.mesh)
+        self.fully_shard(teacher, mesh=self.mesh)
+        return teacher
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(is_last)

@@ -22,7 +22,7 @@ from lmfleet.compress.evaluate import evaluate_perplexity
 from lmfleet.data.corpus import Corpus
 from lmfleet.data.loader import TokenLoader
 from lmfleet.errors import ConfigError, LmfleetError
-from lmfleet.model.checkpoint import save_model
+from lmfleet.model.checkpoint import load_model, save_model
 from lmfleet.model.config import ModelConfig
 from lmfleet.model.transformer import Transformer, build_model
 from lmfleet.parallel.mesh import DistInfo, ParallelDims, destroy_distributed, init_distributed
@@ -158,6 +158,12 @@ class Trainer:
         else:
             self.strategy = make_strategy(config.train.strategy, model, info, config)
         self.optimizer = build_optimizer(self.strategy.model, config)
+        self.teacher = self._teacher() if config.distill.teacher else None
+        self.teacher_id = None
+        if config.distill.teacher:
+            from lmfleet.compress.distill import teacher_identity
+
+            self.teacher_id = teacher_identity(config.distill.teacher)
         self.loader = TokenLoader(self.corpus, config.data.seq_len, config.batch.micro_batch,
                                   config.batch.grad_accum, self.strategy.dp_rank, self.strategy.dp_size,
                                   config.train.seed)
@@ -172,7 +178,28 @@ class Trainer:
         self.stop_agreed = False
         self.previous_last_step: int | None = None  # the last step a resumed run's metrics had logged
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _teacher(self) -> torch.nn.Module:
+        """The frozen teacher of a distillation run, replicated or sharded as the strategy keeps models."""
+        from lmfleet.compress.distill import check_teacher
+
+        check_teacher(self.config.distill.teacher, self.model_config.vocab_size, self.corpus)
+        teacher = load_model(self.config.distill.teacher, dtype=self.param_dtype, device=self.info.device)
+        return self.strategy.prepare_teacher(teacher.requires_grad_(False).eval())
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.teacher(inputs)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy; in a distillation run `targets` is (tokens, teacher logits) and the loss
+        mixes in the KL term (`lmfleet.compress.distill`)."""
+        if isinstance(targets, tuple):
+            from lmfleet.compress.distill import distillation_loss
+
+            tokens, teacher = targets
+            return distillation_loss(logits.to(self.param_dtype), teacher, tokens, self.config.distill.temperature,
+                                     self.config.distill.alpha)
         return F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -185,7 +212,7 @@ class Trainer:
                 "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
                 "global_batch": self.config.global_batch(self.dims.dp),
                 "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total,
-                "corpus": self.corpus.identity()}
+                "corpus": self.corpus.identity(), **({"teacher": self.teacher_id} if self.teacher_id else {})}
 
     def save(self, stopped_by: str | None = None) -> Path:
         local = {"loader": self.loader.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -237,6 +264,8 @@ class Trainer:
         accum = cfg.batch.grad_accum
         batches = [tuple(t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
                    for micro in range(accum)]
+        if self.teacher is not None:
+            batches = [(inputs, (targets, self.teacher_logits(inputs))) for inputs, targets in batches]
         loss_sum = self.strategy.forward_backward(batches, self.loss, self.autocast).to(self.param_dtype)
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
         self.optimizer.step()
