@@ -436,9 +436,10 @@ def eval_cmd(
     max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens.")] = 1_000_000,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    speed: Annotated[bool, typer.Option(help="Also measure decode tokens/s at batch 1 and 16 in the engine.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Perplexity of a model on a corpus split."""
+    """Perplexity of a model on a corpus split, its size on disk and (--speed) its decode speed."""
     from lmfleet.compress.evaluate import evaluate_perplexity
     from lmfleet.data.corpus import Corpus
     from lmfleet.model import load_model
@@ -453,12 +454,27 @@ def eval_cmd(
                           f"{model.config.vocab_size}: it was tokenized for another model")
     seq_len = min(seq_len, model.config.max_position_embeddings)
     result = evaluate_perplexity(model, corpus, seq_len=seq_len, max_tokens=max_tokens, split=split)
-    result.update({"model": str(model_dir), "data": str(data), "split": split, "seq_len": seq_len})
+    result.update({"model": str(model_dir), "data": str(data), "split": split, "seq_len": seq_len,
+                   "size_bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))})
+    if speed:
+        from lmfleet.engine import LLMEngine
+        from lmfleet.engine.bench import decode_speed
+
+        del model
+        for batch in (1, 16):
+            engine = LLMEngine(model_dir, max_num_seqs=batch, kv_cache_memory=batch * 2**20 + 16 * 2**20,
+                               dtype=dtype, device=device)
+            result[f"decode_tok_s_batch{batch}"] = decode_speed(engine, batch)
+            del engine
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(f"{split} perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f} nats/token) "
-                  f"over {result['tokens']:,} tokens")
+        line = (f"{split} perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f} nats/token) over "
+                f"{result['tokens']:,} tokens; {_human_bytes(result['size_bytes'])} on disk")
+        if speed:
+            line += (f"; decode {result['decode_tok_s_batch1']:.1f} tok/s at batch 1, "
+                     f"{result['decode_tok_s_batch16']:.1f} at batch 16")
+        out.print(line)
 
 
 @app.command("plot")
@@ -478,7 +494,8 @@ def plot(
 def export_gguf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
     out_file: Annotated[Path, typer.Argument(metavar="OUT.gguf", help="GGUF file to write.")],
-    out_type: Annotated[str, typer.Option("--type", help="F32, F16 or Q8_0.")] = "F16",
+    out_type: Annotated[str, typer.Option("--type", help="F32, F16, Q8_0 or Q4_0 (llama.cpp's own "
+                                          "block formats).")] = "F16",
 ) -> None:
     """Write a GGUF file for llama.cpp / ollama."""
     from lmfleet.model.gguf_export import export_gguf

@@ -553,6 +553,21 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
         sorted(by_replica(families, "lmfleet:num_requests_running"))
 
 
+def test_quantized_replicas_answer_with_the_engines_text(model_dir, cluster, tmp_path) -> None:
+    """An int4 directory from `lmfleet quantize` deploys like any model: two replicas answer the
+    openai client with one engine's greedy text on the same directory."""
+    quantized = tmp_path / "int4"
+    result = run_cli("quantize", str(model_dir), "--out", str(quantized), "--method", "int4", "--group-size", "64")
+    assert result.returncode == 0, result.stderr
+    url = deploy(quantized, cluster, replicas=2, cpus_per_replica=1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+    engine = LLMEngine(quantized, kv_cache_memory=4 * 2**20)
+    for prompt in ("The quick brown", "def add(a, b):", "Data flows one way", "Notes"):
+        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == ref.text
+
+
 def test_tensor_parallel_replicas_answer_and_reserve_their_ranks(model_dir, cluster) -> None:
     """--replicas 2 --tensor-parallel-size 2: each replica runs its model over 2 processes (its
     worker beside it on the replica's node) and reserves 2 x --cpus-per-replica; greedy text

@@ -99,7 +99,7 @@ def with_outliers(root, trained) -> Path:
 
 
 def perplexity(model_dir: Path, corpus: Path) -> float:
-    result = run_cli("eval", str(model_dir), "--data", str(corpus), "--max-tokens", "30000", "--json")
+    result = run_cli("eval", str(model_dir), "--data", str(corpus), "--max-tokens", "30000", "--no-speed", "--json")
     ok(result)
     return json.loads(result.stdout)["perplexity"]
 

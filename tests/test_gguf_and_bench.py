@@ -17,8 +17,9 @@ from .helpers import run_cli
 gguf = pytest.importorskip("gguf")  # a dev dependency: installed by `make install`
 
 # Round-off relative to a tensor's largest |value|: F16 keeps 11 significant bits; Q8_0 rounds to
-# 1/254 of its block's largest value, plus the rounding of that scale to F16.
-TOLERANCES = [("F32", 0.0), ("F16", 1e-3), ("Q8_0", 1 / 127)]
+# 1/254 of its block's largest value, plus the rounding of that scale to F16; Q4_0 (16 steps of
+# max/8 from -8 to 7) to up to a whole step at the end opposite the largest value.
+TOLERANCES = [("F32", 0.0), ("F16", 1e-3), ("Q8_0", 1 / 127), ("Q4_0", 1.01 / 8)]
 
 # Hugging Face module names (without `model.`) -> llama.cpp's, as its converter maps them.
 LLAMA_CPP_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -83,7 +84,7 @@ def _assert_every_tensor_round_trips(reader, model, out_type: str, tolerance: fl
     per_layer = {name.split(".", 2)[2] for name in expected if name.startswith("blk.0.")}
     assert per_layer >= {f"{n}.weight" for n in LLAMA_CPP_NAMES.values()}
     matrix_type = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
-                   "Q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]
+                   "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0}[out_type]
     for name, want in expected.items():
         t = tensors[name]
         # GGUF lists dimensions fastest-first: [in, out] for a [out, in] torch weight.
@@ -115,6 +116,19 @@ def test_gguf_tensors_and_metadata_round_trip(model_dir, tmp_path, out_type, tol
     assert "llama.rope.scaling.type" not in reader.fields
     assert len(reader.tensors) == 2 + 1 + 9 * config.num_hidden_layers  # embd, norm, output + 9 per block
     _assert_every_tensor_round_trips(reader, model, out_type, tolerance)
+
+
+def test_a_quantized_directory_exports_its_rounded_weights(model_dir, tmp_path) -> None:
+    """An int4 directory exports the weights its integers stand for (dequantized), exactly in F32."""
+    from lmfleet.compress.quantize import dequantize_model
+
+    quantized = tmp_path / "int4"
+    result = run_cli("quantize", str(model_dir), "--out", str(quantized), "--method", "int4", "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    reader, _ = _reader(export_gguf(quantized, tmp_path / "q.gguf", "F32"))
+    rounded = dequantize_model(load_model(quantized))
+    assert not torch.equal(rounded.layers[0].mlp.up_proj.weight, load_model(model_dir).layers[0].mlp.up_proj.weight)
+    _assert_every_tensor_round_trips(reader, rounded, "F32", 0.0)
 
 
 @pytest.mark.parametrize("out_type,tolerance", [TOLERANCES[0], TOLERANCES[2]])

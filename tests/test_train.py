@@ -290,6 +290,8 @@ def test_eval_command_matches_independent_perplexity(ddp_run, corpus) -> None:
             count += window.shape[1] - 1
     assert report["tokens"] == count == 640
     assert math.isclose(report["perplexity"], math.exp(total / count), rel_tol=1e-5)
+    assert report["size_bytes"] == (ddp_run / "final" / "model.safetensors").stat().st_size
+    assert report["decode_tok_s_batch1"] > 0 and report["decode_tok_s_batch16"] > 0
 
 
 def test_plot_writes_png(ddp_run) -> None:

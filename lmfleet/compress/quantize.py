@@ -264,6 +264,18 @@ def quantize_model(model: nn.Module, method: str = "int8", include_head: bool = 
     return model
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every quantized layer back for an nn.Linear holding its rounded weights (in place)."""
+    for name in quantized_modules(model):
+        layer = model.get_submodule(name)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(layer.dequantized(torch.float32), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+        replace_linear(model, name, linear)
+    return model
+
+
 def prepare_quantized(model: nn.Module, config: dict[str, Any], source: str) -> None:
     """Make the (meta-device) `model` take the layout a directory's `quantization_config` names."""
     formats = (FORMAT_INT8, FORMAT_INT4)

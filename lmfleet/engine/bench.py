@@ -62,3 +62,25 @@ def offline_benchmark(engine: LLMEngine, num_prompts: int, input_len: tuple[int,
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
             "prefix_cache_hit_rate": (engine.block_manager.prefix_hits - hits) / queried if queried else 0.0,
             "preemptions": engine.scheduler.num_preemptions}
+
+
+def decode_speed(engine: LLMEngine, batch: int, tokens: int = 32, prompt_len: int = 16,
+                 rounds: int = 2) -> float:
+    """Decode tokens per second of `batch` sequences generating together (best of `rounds`): the
+    time of `tokens` new tokens less that of the first one (prefill), over batch x (tokens - 1)."""
+    if batch < 1 or tokens < 2:
+        raise ConfigError(f"batch={batch} must be >= 1 and tokens={tokens} >= 2")
+    vocab = engine.model.config.vocab_size
+    prompts = [[(7 + 31 * i + 13 * j) % vocab for j in range(prompt_len)] for i in range(batch)]
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up: first calls allocate and pack
+    best = 0.0
+    for _ in range(rounds):
+        first, whole = timed(1), timed(tokens)
+        best = max(best, batch * (tokens - 1) / max(whole - first, 1e-9))
+    return best

@@ -1,4 +1,4 @@
-"""Export a model directory to GGUF (llama.cpp, ollama) with the `gguf` package: F32, F16 or Q8_0.
+"""Export a model directory to GGUF (llama.cpp, ollama) with the `gguf` package: F32, F16, Q8_0 or Q4_0.
 
 The tensors and metadata follow llama.cpp's own converter for the `llama` architecture: q/k
 projection rows are permuted from Hugging Face's half-split RoPE layout to llama.cpp's interleaved
@@ -21,7 +21,7 @@ from lmfleet.model.config import ModelConfig
 from lmfleet.model.tokenizer import load_tokenizer
 from lmfleet.model.transformer import rope_inv_freq
 
-OUT_TYPES = ("F32", "F16", "Q8_0")
+OUT_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
 ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE variants a `llama` GGUF can carry
 
 
@@ -85,6 +85,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
     if out_type not in OUT_TYPES:
         raise ConfigError(f"--type {out_type!r} is not supported; use one of {list(OUT_TYPES)}")
     model = load_model(model_dir, dtype=torch.float32)
+    from lmfleet.compress.quantize import dequantize_model
+
+    dequantize_model(model)  # a quantized directory exports its rounded weights
     config = model.config
     check_exportable(config)
     tok = load_tokenizer(model_dir)
@@ -107,7 +110,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[out_type]
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tok, config, gguf)
     for name, tensor in gguf_tensors(model, config).items():
@@ -116,8 +119,11 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
             writer.add_tensor(name, data.astype(np.float32))
         elif out_type == "F16":
             writer.add_tensor(name, data.astype(np.float16))
-        else:
-            quant = gguf.GGMLQuantizationType.Q8_0
+        else:  # Q8_0 / Q4_0: llama.cpp's blocks of 32 along each row
+            quant = getattr(gguf.GGMLQuantizationType, out_type)
+            if data.shape[-1] % 32:
+                raise ConfigError(f"--type {out_type}: tensor {name} has rows of {data.shape[-1]}, not a multiple "
+                                  "of llama.cpp's block of 32")
             writer.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
