@@ -338,8 +338,13 @@ def _calibration(model_dir: Path, data: Path | None, samples: int, seq_len: int,
 
 
 def _layer_progress(what: str):
+    import time
+
+    start = time.monotonic()
+
     def progress(done: int, total: int) -> None:
-        console.print(f"{what}: block {done}/{total}")
+        elapsed = time.monotonic() - start
+        console.print(f"{what}: {done}/{total} done, {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left")
     return progress
 
 
@@ -462,8 +467,9 @@ def eval_cmd(
 
         del model
         for batch in (1, 16):
-            engine = LLMEngine(model_dir, max_num_seqs=batch, kv_cache_memory=batch * 2**20 + 16 * 2**20,
-                               dtype=dtype, device=device)
+            # KV blocks for 16 prompt + 32 decoded tokens a sequence, whatever the model's size.
+            engine = LLMEngine(model_dir, max_num_seqs=batch, num_blocks=batch * 4 + 2, block_size=16, max_model_len=64,
+                               enable_prefix_caching=False, dtype=dtype, device=device)
             result[f"decode_tok_s_batch{batch}"] = decode_speed(engine, batch)
             del engine
     if as_json:

@@ -146,3 +146,47 @@ def test_the_head_quantized_too_unties_it_and_the_engine_runs_it(dirs, tmp_path)
     engine = LLMEngine(out, kv_cache_memory=4 * 2**20)
     assert isinstance(engine.runner.model.lm_head, Int8WeightLinear)
     assert len(engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids) == 8
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_hostile_quantized_directory_is_refused_in_one_line(dirs, tmp_path) -> None:
+    """Wrong tensor dtypes, out-of-range zero points, non-finite scales, a fused group quantized
+    only in part, a fractional group size: one line naming the problem, never a traceback."""
+    from safetensors.torch import save_file
+
+    fp32_dir, int8_dir = dirs
+    int4_dir = tmp_path / "int4"
+    assert run_cli("quantize", str(fp32_dir), "--out", str(int4_dir), "--method", "int4", "--group-size", "32").returncode == 0
+
+    def tampered(source: Path, name: str, edit_tensors=None, edit_config=None) -> Path:
+        path = _copy(source, tmp_path / name)
+        if edit_tensors is not None:
+            tensors = load_file(str(path / "model.safetensors"))
+            edit_tensors(tensors)
+            save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        if edit_config is not None:
+            config = json.loads((path / "config.json").read_text())
+            edit_config(config["quantization_config"])
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    key = "model.layers.0.mlp.down_proj"
+    cases = [
+        (tampered(int4_dir, "float-qweight", lambda t: t.update({f"{key}.qweight": t[f"{key}.qweight"].float()})),
+         f"tensor {key}.qweight is float32, config.json implies torch.uint8"),
+        (tampered(int8_dir, "uint8-qweight", lambda t: t.update({f"{key}.qweight": t[f"{key}.qweight"].view(torch.uint8)})),
+         f"tensor {key}.qweight is uint8, config.json implies torch.int8"),
+        (tampered(int4_dir, "big-zeros", lambda t: t[f"{key}.zeros"].fill_(200)), "zeros holds values above 15"),
+        (tampered(int8_dir, "nan-scales", lambda t: t[f"{key}.scales"].fill_(float("nan"))), "not finite"),
+        (tampered(int4_dir, "partial", edit_config=lambda c: c["modules"].remove("layers.1.self_attn.k_proj")),
+         "quantizes only some of layers.1.{q_proj, k_proj, v_proj}"),
+        (tampered(int4_dir, "float-group", edit_config=lambda c: c.update(group_size=32.0)), "group_size 32.0"),
+    ]
+    for path, needle in cases:
+        assert_one_line_error(run_cli("generate", str(path), "hi", "--max-tokens", "2"), needle)

@@ -228,3 +228,13 @@ def test_bad_compression_input_is_one_line_and_leaves_no_output(root, corpus, tr
     assert not out.exists()
     assert_one_line_error(run_cli("distill", str(trained), str(config), "--data", str(corpus), "--out", str(out),
                                   "--temperature", "0"), "distill.temperature=0.0 must be > 0")
+    config.write_text(STUDENT)
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((trained / "config.json").read_text())
+    assert_one_line_error(run_cli("distill", str(weightless), str(config), "--data", str(corpus), "--out", str(out)),
+                          "model.safetensors")
+    assert_one_line_error(run_cli("distill", str(trained), str(config), "--data", str(corpus), "--out", str(out),
+                                  "--set", "model.max_position_embeddings=1024", "--set", "data.seq_len=600"),
+                          "data.seq_len=600 exceeds the teacher's max_position_embeddings=512")
+    assert not out.exists()

@@ -42,6 +42,7 @@ INPUT_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_at
             "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
 CAPTURED = sorted(set(INPUT_OF.values()))
+QK = ("self_attn.q_proj", "self_attn.k_proj")
 MIN_SAMPLES = 1
 
 
@@ -66,52 +67,113 @@ def calibration_ids(data: str | Path, samples: int, seq_len: int, vocab_size: in
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
 
 
-def _capture(into: list[torch.Tensor]) -> Callable[..., None]:
+class InputStats:
+    """What the methods need of one layer input's calibration activations, gathered as they stream
+    past instead of kept whole: per-channel sums of |x| and x^2, X^T X for GPTQ (`hessian`), and
+    an evenly strided sample of at most `max_rows` rows (AWQ's error estimates)."""
+
+    def __init__(self, total_rows: int, hessian: bool, max_rows: int = 4096):
+        self.stride = max(1, math.ceil(total_rows / max_rows))
+        self.want_hessian = hessian
+        self.count = 0
+        self.parts: list[torch.Tensor] = []
+        self.abs_sum = self.sq_sum = self.xtx = None
+
+    @classmethod
+    def of(cls, x: torch.Tensor, hessian: bool) -> InputStats:
+        stats = cls(len(x), hessian)
+        stats.add(x)
+        return stats
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.abs_sum is None:
+            width = x.shape[1]
+            self.abs_sum = torch.zeros(width, dtype=torch.float64)
+            self.sq_sum = torch.zeros(width, dtype=torch.float64)
+            if self.want_hessian:
+                self.xtx = torch.zeros(width, width, dtype=torch.float64)
+        self.parts.append(x[(-self.count) % self.stride::self.stride].clone())
+        self.count += len(x)
+        self.abs_sum += x.abs().sum(dim=0).double()
+        self.sq_sum += x.pow(2).sum(dim=0).double()
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.count, 1)).float()
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """||X_j||_2 over every calibration token, per input channel (Wanda's statistic)."""
+        return self.sq_sum.sqrt().float()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.xtx / max(self.count, 1)
+
+
+def _capture(into: InputStats) -> Callable[..., None]:
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        into.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        into.add(args[0])
     return hook
 
 
 @torch.no_grad()
 def for_each_block(model: nn.Module, ids: torch.Tensor,
-                   handle: Callable[[int, nn.Module, dict[str, torch.Tensor]], None],
-                   batch_size: int = 8) -> torch.Tensor:
-    """Run `ids` [N, T] through the blocks in order. For each block, `handle(index, block, inputs)`
-    gets the inputs of the block's linears (`inputs[name]`, float32 [N*T, in], keyed as in
-    `CAPTURED`) and may rewrite the block in place; its outputs then feed the next block.
-    Returns the last block's outputs [N*T, hidden] (before the final norm)."""
+                   handle: Callable[[int, nn.Module, dict[str, InputStats]], None],
+                   batch_size: int = 8, hessian: bool = False) -> torch.Tensor:
+    """Run `ids` [N, T] through the blocks in order. For each block, `handle(index, block, stats)`
+    gets what was gathered of the inputs of the block's linears (`stats[name]`, keyed as in
+    `CAPTURED`; X^T X too with `hessian`) and may rewrite the block in place; its outputs then
+    feed the next block. Returns the last block's outputs [N*T, hidden] (before the final norm)."""
     hidden = [model.embed_tokens(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
     cos, sin = model.rope(torch.arange(ids.shape[1], device=ids.device), hidden[0].dtype)
     for index, block in enumerate(model.layers):
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in CAPTURED}
-        hooks = [block.get_submodule(name).register_forward_hook(_capture(captured[name])) for name in CAPTURED]
+        stats = {name: InputStats(ids.numel(), hessian) for name in CAPTURED}
+        hooks = [block.get_submodule(name).register_forward_hook(_capture(stats[name])) for name in CAPTURED]
         try:
             for h in hidden:
                 block(h, cos, sin)
         finally:
             for hook in hooks:
                 hook.remove()
-        handle(index, block, {name: torch.cat(parts) for name, parts in captured.items()})
+        handle(index, block, stats)
         hidden = [block(h, cos, sin) for h in hidden]
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]).float()
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------
 
-def gptq_int4(weight: torch.Tensor, x: torch.Tensor, group_size: int, damp: float = 0.01,
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01,
               block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ for one layer: (q uint8 [out, in], scales [out, in/group], zeros uint8 [out, in/group])
-    in the layout of `quantize_int4`, chosen to keep `x @ W^T` close for the inputs `x` [n, in].
+    in the layout of `quantize_int4`, chosen to keep `x @ W^T` close for inputs whose
+    `hessian` [in, in] is `X^T X / n`.
     Each group's scale and zero come from the group's weights as updated by the errors of the
     columns before it."""
     out_f, in_f = weight.shape
     w = weight.detach().float().clone()
-    h = x.double().T @ x.double() / max(len(x), 1)
+    h = hessian.double().clone()
     dead = torch.diag(h) == 0  # an input that is always zero: its weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(in_f, dtype=h.dtype) * (damp * torch.diag(h).mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    u = None
+    for attempt in range(4):  # more damping where X^T X is ill-conditioned
+        damped = h + torch.eye(in_f, dtype=h.dtype) * (damp * 10 ** attempt * torch.diag(h).mean())
+        try:
+            u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True).float()
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    if u is None or not torch.isfinite(u).all():
+        raise ConfigError("GPTQ: the calibration activations give no usable Hessian (not finite or singular even "
+                          "with 10x-1000x damping); check the model and the calibration data")
     q = torch.zeros(out_f, in_f)
     groups = in_f // group_size
     scales, zeros = torch.zeros(out_f, groups), torch.zeros(out_f, groups)
@@ -144,17 +206,18 @@ def _int4_dequantized(weight: torch.Tensor, group_size: int, clip: torch.Tensor 
     return w.reshape(out_f, in_f)
 
 
-def awq_scale(weights: list[torch.Tensor], x: torch.Tensor, group_size: int, grid: int = 20,
-              tie: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 4096) -> torch.Tensor:
+def awq_scale(weights: list[torch.Tensor], x: torch.Tensor, magnitude: torch.Tensor, group_size: int,
+              grid: int = 20, tie: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              max_rows: int = 4096) -> torch.Tensor:
     """The per-input-channel scale s [in] (weights multiplied by s, inputs divided by it) that
     keeps `x @ W^T` closest after rounding W*s to int4, over s = mean|x|^alpha for alpha on a grid
-    in [0, 1) (alpha = 0 is plain rounding). `tie` makes s equal where the producer of the input
+    in [0, 1) (alpha = 0 is plain rounding); `magnitude` is mean|x| over all calibration tokens,
+    `x` a sample of the inputs. `tie` makes s equal where the producer of the input
     can only scale channels together (heads sharing a KV head)."""
     if len(x) > max_rows:
         x = x[torch.linspace(0, len(x) - 1, max_rows).long()]
     w = torch.cat([t.detach().float() for t in weights])
     reference = x @ w.T
-    magnitude = x.abs().mean(dim=0)
     best, best_loss = torch.ones_like(magnitude), math.inf
     for k in range(grid):
         s = magnitude.pow(k / grid).clamp(min=1e-4)
@@ -178,14 +241,17 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, grid: int =
     w = weight.detach().float()
     xg = x.reshape(len(x), in_f // group_size, group_size)
     best = torch.ones(out_f, in_f // group_size)
-    best_err = torch.full_like(best, math.inf)
-    for k in range(grid):
-        ratio = torch.full_like(best, 1 - 0.05 * k)
-        diff = (_int4_dequantized(w, group_size, ratio) - w).reshape(out_f, -1, group_size)
-        err = torch.einsum("ngk,ogk->nog", xg, diff).pow(2).mean(dim=0)  # [out, groups]
-        better = err < best_err
-        best = torch.where(better, ratio, best)
-        best_err = torch.where(better, err, best_err)
+    rows = max(1, (1 << 24) // max(len(x) * (in_f // group_size), 1))  # bounds the einsum's [n, rows, groups]
+    for r0 in range(0, out_f, rows):
+        part, chosen = w[r0:r0 + rows], best[r0:r0 + rows]
+        best_err = torch.full_like(chosen, math.inf)
+        for k in range(grid):
+            ratio = torch.full_like(chosen, 1 - 0.05 * k)
+            diff = (_int4_dequantized(part, group_size, ratio) - part).reshape(len(part), -1, group_size)
+            err = torch.einsum("ngk,ogk->nog", xg, diff).pow(2).mean(dim=0)  # [rows, groups]
+            better = err < best_err
+            chosen.copy_(torch.where(better, ratio, chosen))
+            best_err = torch.where(better, err, best_err)
     return best
 
 
@@ -198,11 +264,15 @@ def _kv_tie(n_heads: int, n_kv_heads: int, head_dim: int) -> Callable[[torch.Ten
     return tie
 
 
+def _xm(stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    return stats.sample, stats.mean_abs
+
+
 @torch.no_grad()
-def awq_fold(block: nn.Module, inputs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+def awq_fold(block: nn.Module, inputs: dict[str, InputStats], group_size: int) -> dict[str, torch.Tensor]:
     """Scale the block's linears' input channels (AWQ) and fold the inverse scales into whatever
     produces those inputs; the block's floating-point outputs are unchanged. Returns the scales,
-    keyed like `inputs` (the layers now see `inputs[key] / scales[key]`)."""
+    keyed like `inputs` (the layers now see their inputs divided by `scales[key]`)."""
     scales = {}
     attn, mlp = block.self_attn, block.mlp
 
@@ -211,24 +281,25 @@ def awq_fold(block: nn.Module, inputs: dict[str, torch.Tensor], group_size: int)
             linear.weight.mul_(s.to(linear.weight.dtype)[None, :])
 
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    s = scales["self_attn.q_proj"] = awq_scale([lin.weight for lin in qkv], inputs["self_attn.q_proj"], group_size)
+    s = scales["self_attn.q_proj"] = awq_scale([lin.weight for lin in qkv], *_xm(inputs["self_attn.q_proj"]), group_size)
     block.input_layernorm.weight.div_(s.to(block.input_layernorm.weight.dtype))
     scale_inputs(qkv, s)
 
     tie = _kv_tie(attn.n_heads, attn.n_kv_heads, attn.head_dim)
-    s = scales["self_attn.o_proj"] = awq_scale([attn.o_proj.weight], inputs["self_attn.o_proj"], group_size, tie=tie)
+    s = scales["self_attn.o_proj"] = awq_scale([attn.o_proj.weight], *_xm(inputs["self_attn.o_proj"]), group_size,
+                                                    tie=tie)
     per_kv = s.reshape(attn.n_kv_heads, -1, attn.head_dim)[:, 0].reshape(-1)  # equal within a group
     attn.v_proj.weight.div_(per_kv.to(attn.v_proj.weight.dtype)[:, None])
     if attn.v_proj.bias is not None:
         attn.v_proj.bias.div_(per_kv.to(attn.v_proj.bias.dtype))
     scale_inputs([attn.o_proj], s)
 
-    s = scales["mlp.gate_proj"] = awq_scale([mlp.gate_proj.weight, mlp.up_proj.weight], inputs["mlp.gate_proj"],
-                                            group_size)
+    s = scales["mlp.gate_proj"] = awq_scale([mlp.gate_proj.weight, mlp.up_proj.weight],
+                                            *_xm(inputs["mlp.gate_proj"]), group_size)
     block.post_attention_layernorm.weight.div_(s.to(block.post_attention_layernorm.weight.dtype))
     scale_inputs([mlp.gate_proj, mlp.up_proj], s)
 
-    s = scales["mlp.down_proj"] = awq_scale([mlp.down_proj.weight], inputs["mlp.down_proj"], group_size)
+    s = scales["mlp.down_proj"] = awq_scale([mlp.down_proj.weight], *_xm(inputs["mlp.down_proj"]), group_size)
     mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
     if mlp.up_proj.bias is not None:
         mlp.up_proj.bias.div_(s.to(mlp.up_proj.bias.dtype))
@@ -238,11 +309,18 @@ def awq_fold(block: nn.Module, inputs: dict[str, torch.Tensor], group_size: int)
 
 # ---- int4 with calibration -----------------------------------------------------------------------
 
-def _int4_layer(linear: nn.Linear, x: torch.Tensor, group_size: int, calibration: str) -> Int4QuantizedLinear:
+def _int4_layer(linear: nn.Linear, stats: InputStats, group_size: int, calibration: str,
+                scale: torch.Tensor | None = None, clip: bool = True) -> Int4QuantizedLinear:
+    """GPTQ from the input's Hessian, or AWQ's clipped rounding of the (already scaled) weights
+    on the input sample divided by `scale`; q and k are not clipped (their error passes through
+    the softmax, which the output error here does not see)."""
     if calibration == "gptq":
-        quantized = gptq_int4(linear.weight, x, group_size)
-    else:  # awq: the weights were scaled by awq_fold, the inputs x are the unscaled ones
+        quantized = gptq_int4(linear.weight, stats.hessian, group_size)
+    elif clip:
+        x = stats.sample if scale is None else stats.sample / scale
         quantized = quantize_int4(linear.weight, group_size, awq_clip(linear.weight, x, group_size))
+    else:
+        quantized = quantize_int4(linear.weight, group_size)
     return Int4QuantizedLinear.from_quantized(linear, *quantized, group_size)
 
 
@@ -258,28 +336,25 @@ def quantize_calibrated(model: nn.Module, ids: torch.Tensor, calibration: str, g
         untie_head(model)
     model.requires_grad_(False)
 
-    def handle(index: int, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-        if calibration == "awq":
-            scales = awq_fold(block, inputs, group_size)
-            inputs = {key: x / scales[key] for key, x in inputs.items()}
+    def handle(index: int, block: nn.Module, inputs: dict[str, InputStats]) -> None:
+        scales = awq_fold(block, inputs, group_size) if calibration == "awq" else {}
         for name in BLOCK_LINEARS:
-            replace_linear(block, name, _int4_layer(block.get_submodule(name), inputs[INPUT_OF[name]], group_size,
-                                                    calibration))
+            key = INPUT_OF[name]
+            replace_linear(block, name, _int4_layer(block.get_submodule(name), inputs[key], group_size, calibration,
+                                                    scales.get(key), clip=name not in QK))
         if progress is not None:
-            progress(index + 1, len(model.layers))
+            progress(index + 1, len(model.layers) + int(include_head))
 
-    last = for_each_block(model, ids, handle)
+    last = for_each_block(model, ids, handle, hessian=calibration == "gptq")
     if include_head:
-        x = model.norm(last)
+        stats = InputStats.of(model.norm(last), hessian=calibration == "gptq")
+        del last
+        s = None
         if calibration == "awq":
-            s = awq_scale([model.lm_head.weight], x, group_size)
+            s = awq_scale([model.lm_head.weight], *_xm(stats), group_size)
             model.norm.weight.div_(s.to(model.norm.weight.dtype))
             model.lm_head.weight.mul_(s.to(model.lm_head.weight.dtype)[None, :])
-            x = x / s
-        model.lm_head = _int4_layer(model.lm_head, x, group_size, calibration)
+        model.lm_head = _int4_layer(model.lm_head, stats, group_size, calibration, s)
+        if progress is not None:
+            progress(len(model.layers) + 1, len(model.layers) + 1)  # the head
     return model
-
-
-def input_norms(x: torch.Tensor) -> torch.Tensor:
-    """||X_j||_2 over the calibration tokens, per input channel (Wanda's activation statistic)."""
-    return x.double().pow(2).sum(dim=0).sqrt().float()

@@ -56,17 +56,21 @@ def _vocabulary(tokenizer_file: Path) -> Any:
         return None
 
 
-def check_teacher(teacher_dir: str | Path, student_vocab: int, corpus: Any) -> dict[str, Any]:
+def check_teacher(teacher_dir: str | Path, student_vocab: int, corpus: Any, seq_len: int) -> dict[str, Any]:
     """Refuse a teacher the student cannot learn from; returns the teacher's config."""
-    from lmfleet.model import read_config
+    from lmfleet.model.checkpoint import _read_json, _weight_files, read_config
 
     directory = Path(teacher_dir)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"distill.teacher={directory} is not a model directory (no config.json)")
-    raw = json.loads((directory / "config.json").read_text())
+    raw = _read_json(directory / "config.json")
     if raw.get("quantization_config") is not None:
         raise ConfigError(f"distill.teacher={directory} is quantized: distil from the floating-point model")
     config = read_config(directory)
+    _weight_files(directory)  # refuses a directory without its weights
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the teacher's max_position_embeddings="
+                          f"{config.max_position_embeddings} ({directory})")
     if config.vocab_size != student_vocab:
         raise ConfigError(f"the student's vocabulary ({student_vocab} tokens) differs from the teacher's "
                           f"({config.vocab_size}, {directory}): distillation compares their distributions token "

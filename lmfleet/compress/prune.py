@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmfleet.compress.calibrate import INPUT_OF, for_each_block, input_norms
+from lmfleet.compress.calibrate import INPUT_OF, InputStats, for_each_block
 from lmfleet.compress.quantize import BLOCK_LINEARS, quantized_modules
 from lmfleet.errors import ConfigError
 
@@ -93,13 +93,13 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, pa
     model.requires_grad_(False)
     zero = total = 0
 
-    def prune_block(index: int, block: nn.Module, inputs: dict[str, torch.Tensor] | None) -> None:
+    def prune_block(index: int, block: nn.Module, inputs: dict[str, InputStats] | None) -> None:
         nonlocal zero, total
         for name in BLOCK_LINEARS:
             weight = block.get_submodule(name).weight
             score = weight.abs().float()
             if inputs is not None:
-                score = score * input_norms(inputs[INPUT_OF[name]])[None, :]
+                score = score * inputs[INPUT_OF[name]].norms[None, :]
             mask = prune_mask(score, target, nm, per_row=method == "wanda")
             weight.mul_(mask.to(weight.dtype))
             zero += int((~mask).sum())

@@ -284,11 +284,24 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], source: str) -> 
         raise ConfigError(f"{source}: quantization_config {config!r} is not one lmfleet reads "
                           f"(format one of {list(formats)} with a list of modules)")
     group_size = config.get("group_size")
-    if config["format"] == FORMAT_INT4 and group_size not in GROUP_SIZES:
+    if config["format"] == FORMAT_INT4 and (type(group_size) is not int or group_size not in GROUP_SIZES):
         raise ConfigError(f"{source}: quantization_config group_size {group_size!r} is not one of {list(GROUP_SIZES)}")
-    for name in config["modules"]:
+    names = [str(name) for name in config["modules"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: quantization_config lists a layer twice")
+    listed = set(names)
+    for i in range(len(model.layers)):  # layers the engine fuses are quantized together or not at all
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            count = sum(f"layers.{i}.{n}" in listed for n in group)
+            if 0 < count < len(group):
+                raise ConfigError(f"{source}: quantization_config quantizes only some of layers.{i}."
+                                  f"{{{', '.join(n.split('.')[-1] for n in group)}}}: all of them or none")
+    if "lm_head" in listed and model.config.tie_word_embeddings:
+        raise ConfigError(f"{source}: quantization_config quantizes lm_head, which is tied to the embedding "
+                          "(tie_word_embeddings must be false)")
+    for name in names:
         try:
-            linear = model.get_submodule(str(name))
+            linear = model.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"{source}: quantization_config names {name!r}, which the model does not have") from None
         if not isinstance(linear, nn.Linear):
@@ -301,4 +314,17 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], source: str) -> 
             layer = Int4QuantizedLinear(linear.in_features, linear.out_features, bias, group_size, "meta", dtype)
         else:
             layer = QuantizedLinear(linear.in_features, linear.out_features, bias, "meta", dtype)
-        replace_linear(model, str(name), layer)
+        replace_linear(model, name, layer)
+
+
+def check_quantized_values(model: nn.Module, source: str) -> None:
+    """Refuse stored integers and scales no quantizer writes (zero points above 15, scales not
+    finite or not positive): they would run, giving garbage."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QUANTIZED_TYPES):
+            continue
+        scales = layer.scales
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise ConfigError(f"{source}: {name}.scales holds values that are not finite and >= 0")
+        if isinstance(layer, Int4QuantizedLinear) and int(layer.zeros.max()) > 15:
+            raise ConfigError(f"{source}: {name}.zeros holds values above 15 (4-bit zero points are 0..15)")

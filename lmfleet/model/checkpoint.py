@@ -169,11 +169,23 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = torch.
         raise CheckpointError(f"{directory} does not match its config.json: missing tensors "
                               f"{[to_hf_name(k) for k in missing][:5]}, unexpected {[to_hf_name(k) for k in unexpected][:5]}")
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
             raise CheckpointError(f"{directory}: tensor {to_hf_name(key)} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(expected[key].shape)}")
+                                  f"config.json implies {tuple(want.shape)}")
+        if tensor.is_floating_point() != want.is_floating_point() or \
+                (not want.is_floating_point() and tensor.dtype != want.dtype):
+            raise CheckpointError(f"{directory}: tensor {to_hf_name(key)} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                  f"config.json implies {'a float' if want.is_floating_point() else want.dtype}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if raw.get("quantization_config") is not None:
+        from lmfleet.compress.quantize import check_quantized_values
+
+        try:
+            check_quantized_values(model, str(directory))
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
     return model.eval()
 
 
@@ -280,8 +292,9 @@ def model_info(path: str | os.PathLike) -> dict[str, Any]:
 def _quantization_summary(config: Any) -> str | None:
     if not isinstance(config, dict):
         return None
-    modules = config.get("modules") or []
-    return f"{config.get('format')}: {len(modules)} linear layers, {config.get('bits')}-bit weights"
+    modules = config.get("modules")
+    count = len(modules) if isinstance(modules, list) else "?"
+    return f"{config.get('format')}: {count} linear layers, {config.get('bits')}-bit weights"
 
 
 __all__ = ["load_model", "save_model", "read_config", "load_state_dict", "model_info", "parse_dtype",

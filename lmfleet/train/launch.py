@@ -109,7 +109,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
     if config.distill.teacher:
         from lmfleet.compress.distill import check_teacher, teacher_identity
 
-        check_teacher(config.distill.teacher, model_config.vocab_size, corpus)
+        check_teacher(config.distill.teacher, model_config.vocab_size, corpus, config.data.seq_len)
         teacher = teacher_identity(config.distill.teacher)
     run_dir = Path(config.train.out_dir)
     if spec.resume:

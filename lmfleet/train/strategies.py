@@ -109,9 +109,10 @@ class Strategy:
         """Context for one micro-step's forward/backward (gradient sync only on the last)."""
         return contextlib.nullcontext()
 
-    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """A distillation run's frozen teacher, as this strategy keeps it (here: a full replica)."""
-        return teacher
+    def prepare_teacher(self, teacher: nn.Module, device: torch.device) -> nn.Module:
+        """A distillation run's frozen teacher (in host memory), as this strategy keeps it on
+        `device` (here: a full replica)."""
+        return teacher.to(device)
 
     def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
                          autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
@@ -218,12 +219,13 @@ class FSDPStrategy(Strategy):
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
 
-    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Shard the teacher like the student: each rank holds 1/world of it, gathered block by
-        block in its forward."""
+    def prepare_teacher(self, teacher: nn.Module, device: torch.device) -> nn.Module:
+        """Shard the teacher like the student: each rank moves only its 1/world to the device,
+        gathered block by block in the forward and freed after it (the root too: with no backward
+        it would otherwise stay gathered)."""
         for block in teacher.layers:
-            self.fully_shard(block, mesh=self.mesh)
-        self.fully_shard(teacher, mesh=self.mesh)
+            self.fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
+        self.fully_shard(teacher, mesh=self.mesh, reshard_after_forward=True)
         return teacher
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:

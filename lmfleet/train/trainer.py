@@ -158,9 +158,10 @@ class Trainer:
         else:
             self.strategy = make_strategy(config.train.strategy, model, info, config)
         self.optimizer = build_optimizer(self.strategy.model, config)
-        self.teacher = self._teacher() if config.distill.teacher else None
+        # alpha = 0 is plain cross-entropy: the teacher is not even loaded.
+        self.teacher = self._teacher() if config.distill.teacher and config.distill.alpha > 0 else None
         self.teacher_id = None
-        if config.distill.teacher:
+        if config.distill.teacher and info.is_main:  # meta.json is rank 0's
             from lmfleet.compress.distill import teacher_identity
 
             self.teacher_id = teacher_identity(config.distill.teacher)
@@ -182,9 +183,10 @@ class Trainer:
         """The frozen teacher of a distillation run, replicated or sharded as the strategy keeps models."""
         from lmfleet.compress.distill import check_teacher
 
-        check_teacher(self.config.distill.teacher, self.model_config.vocab_size, self.corpus)
-        teacher = load_model(self.config.distill.teacher, dtype=self.param_dtype, device=self.info.device)
-        return self.strategy.prepare_teacher(teacher.requires_grad_(False).eval())
+        check_teacher(self.config.distill.teacher, self.model_config.vocab_size, self.corpus, self.config.data.seq_len)
+        # Loaded in host memory: the strategy moves it (whole, or each rank's shard) to the device.
+        teacher = load_model(self.config.distill.teacher, dtype=self.param_dtype, device="cpu")
+        return self.strategy.prepare_teacher(teacher.requires_grad_(False).eval(), self.info.device)
 
     @torch.no_grad()
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -192,14 +194,14 @@ class Trainer:
             return self.teacher(inputs)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy; in a distillation run `targets` is (tokens, teacher logits) and the loss
-        mixes in the KL term (`lmfleet.compress.distill`)."""
+        """Cross-entropy; in a distillation run `targets` is (tokens, inputs): the teacher scores
+        the inputs and the loss mixes in the KL term (`lmfleet.compress.distill`)."""
         if isinstance(targets, tuple):
             from lmfleet.compress.distill import distillation_loss
 
-            tokens, teacher = targets
-            return distillation_loss(logits.to(self.param_dtype), teacher, tokens, self.config.distill.temperature,
-                                     self.config.distill.alpha)
+            tokens, inputs = targets  # the teacher runs here, one micro-batch's logits at a time
+            return distillation_loss(logits.to(self.param_dtype), self.teacher_logits(inputs), tokens,
+                                     self.config.distill.temperature, self.config.distill.alpha)
         return F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -265,7 +267,7 @@ class Trainer:
         batches = [tuple(t.to(self.info.device, non_blocking=True) for t in self.loader.batch(step, micro))
                    for micro in range(accum)]
         if self.teacher is not None:
-            batches = [(inputs, (targets, self.teacher_logits(inputs))) for inputs, targets in batches]
+            batches = [(inputs, (targets, inputs)) for inputs, targets in batches]
         loss_sum = self.strategy.forward_backward(batches, self.loss, self.autocast).to(self.param_dtype)
         grad_norm = self.strategy.clip_grad_norm(cfg.optim.grad_clip)
         self.optimizer.step()
