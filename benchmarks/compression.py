@@ -7,7 +7,9 @@ take turns --rounds times; each keeps its best. Effective bandwidth: the bytes o
 decode step reads (every matrix but the embedding) times tokens/s.
 
 Quality (--quality-model, a trained model, with --data its corpus): perplexity on the validation
-split of fp32, int8, int4 (round to nearest, GPTQ, AWQ), 50% magnitude, 50% Wanda and 2:4 pruning.
+split of fp32, bf16, int8, int4 (round to nearest, GPTQ, AWQ), 50% magnitude, 50% Wanda and 2:4
+pruning; with --student-config, a student trained from scratch and one distilled from the model
+for the same steps.
 
     python benchmarks/compression.py --llama-bin DIR --quality-model runs/tiny/final --data runs/corpus \\
         --write-docs docs/compression.md
@@ -110,6 +112,7 @@ def quality(args, tmp: Path) -> list[dict]:
     g = str(args.group_size)
     variants = {
         "fp32": None,
+        "bf16": None,
         "int8": ("quantize", "--method", "int8"),
         f"int4 g{g}": ("quantize", "--method", "int4", "--group-size", g),
         f"int4 g{g} GPTQ": ("quantize", "--method", "int4", "--group-size", g, "--calibrate", "gptq", *calib),
@@ -119,15 +122,26 @@ def quality(args, tmp: Path) -> list[dict]:
         "2:4 magnitude": ("prune", "--method", "magnitude", "--pattern", "2:4"),
         "2:4 Wanda": ("prune", "--method", "wanda", "--pattern", "2:4", *calib),
     }
+    if args.student_config:
+        steps = ("--steps", str(args.student_steps))
+        cli("train", str(args.student_config), "--data", data, "--out", str(tmp / "scratch"), *steps)
+        cli("distill", model, str(args.student_config), "--data", data, "--out", str(tmp / "distilled"), *steps)
+        variants[f"student from scratch ({args.student_steps} steps)"] = ("-", str(tmp / "scratch" / "final"))
+        variants[f"student distilled ({args.student_steps} steps)"] = ("-", str(tmp / "distilled" / "final"))
     rows = []
     for i, (name, command) in enumerate(variants.items()):
-        directory = Path(model)
-        if command is not None:
+        directory, dtype = Path(model), "fp32"
+        if name == "bf16":
+            dtype = "bf16"
+        elif command is not None and command[0] == "-":
+            directory = Path(command[1])
+        elif command is not None:
             directory = tmp / f"q{i}"
             cli(command[0], model, "--out", str(directory), *command[1:])
         report = json.loads(cli("eval", str(directory), "--data", data, "--max-tokens", str(args.eval_tokens),
-                                "--no-speed", "--json"))
-        rows.append({"variant": name, "perplexity": report["perplexity"], "size_mib": report["size_bytes"] / 2**20})
+                                "--dtype", dtype, "--no-speed", "--json"))
+        size = report["size_bytes"] / 2**20 / (2 if name == "bf16" else 1)  # as a bf16 copy would store it
+        rows.append({"variant": name, "perplexity": report["perplexity"], "size_mib": size})
         print(f"{name}: perplexity {report['perplexity']:.3f}", file=sys.stderr)
     for row in rows:
         row["ppl_change_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
@@ -194,6 +208,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=100_000)
+    parser.add_argument("--student-config", type=Path, help="a student's training config: adds the student "
+                        "trained from scratch and distilled from --quality-model, for --student-steps each")
+    parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--write-docs", type=Path)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()

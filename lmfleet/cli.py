@@ -328,13 +328,28 @@ def distill_cmd(
                                checkpoint_on_sigterm=checkpoint_on_sigterm))
 
 
-def _calibration(model_dir: Path, data: Path | None, samples: int, seq_len: int, vocab_size: int, what: str):
-    """Calibration windows from --data, or None when no data was given."""
+def _calibration(model, data: Path | None, samples: int, seq_len: int, what: str):
+    """Calibration windows from --data (`seq_len` capped at the model's context, with a note)."""
     from lmfleet.compress.calibrate import calibration_ids
 
     if data is None:
         raise ConfigError(f"{what} needs calibration data: give --data (a corpus from `lmfleet data prepare`)")
-    return calibration_ids(data, samples, seq_len, vocab_size)
+    context = model.config.max_position_embeddings
+    if seq_len > context:
+        console.print(f"--seq-len {seq_len} is beyond the model's context: calibrating on windows of {context}")
+    return calibration_ids(data, samples, min(seq_len, context), model.config.vocab_size)
+
+
+def _load_source(model_dir: Path):
+    """The model to compress (computed on in fp32), its tokenizer (read first: a bad one fails
+    before any work) and the dtype its floating-point tensors are written back in."""
+    from lmfleet.model import load_model, load_tokenizer
+    from lmfleet.model.checkpoint import _read_json, parse_dtype
+
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    model = load_model(model_dir)
+    raw = _read_json(model_dir / "config.json")
+    return model, tokenizer, parse_dtype("auto", raw.get("dtype") or raw.get("torch_dtype"))
 
 
 def _layer_progress(what: str):
@@ -348,10 +363,12 @@ def _layer_progress(what: str):
     return progress
 
 
-def _write_compressed(model, model_dir: Path, out_dir: Path, extra_config: dict, label: str) -> None:
-    from lmfleet.model import load_tokenizer, save_model
+def _write_compressed(model, tokenizer, dtype, out_dir: Path, extra_config: dict, label: str) -> None:
+    """Save the compressed model; its weights (not the quantization scales) in the source's dtype."""
+    from lmfleet.model import save_model
 
-    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     save_model(model, out_dir, tokenizer=tokenizer, extra_config=extra_config)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     out.print(f"{label}: {out_dir} ({_human_bytes(size)})")
@@ -381,25 +398,23 @@ def quantize_cmd(
     """Quantize a model's linear layers into a new model directory that `lmfleet serve` runs."""
     from lmfleet.compress.calibrate import quantize_calibrated
     from lmfleet.compress.quantize import CALIBRATIONS, check_quantize, quantization_config, quantize_model
-    from lmfleet.model import load_model
 
     _check_out(out_dir)
     if calibrate not in CALIBRATIONS:
         raise ConfigError(f"--calibrate {calibrate!r} is not one of {list(CALIBRATIONS)}")
     if calibrate != "none" and method != "int4":
         raise ConfigError(f"--calibrate {calibrate} applies to --method int4 (int8 rounds to nearest)")
-    model = load_model(model_dir)
+    model, tokenizer, dtype = _load_source(model_dir)
     check_quantize(model, method, group_size if method == "int4" else None, include_head)
     if calibrate == "none":
         quantize_model(model, method, include_head=include_head, group_size=group_size if method == "int4" else None)
     else:
-        ids = _calibration(model_dir, data, samples, min(seq_len, model.config.max_position_embeddings),
-                           model.config.vocab_size, f"--calibrate {calibrate}")
+        ids = _calibration(model, data, samples, seq_len, f"--calibrate {calibrate}")
         quantize_calibrated(model, ids, calibrate, group_size, include_head=include_head,
                             progress=_layer_progress(calibrate))
     config = quantization_config(model, method, group_size if method == "int4" else None, calibrate)
     label = method if method == "int8" else f"int4 g{group_size}" + ("" if calibrate == "none" else f" {calibrate}")
-    _write_compressed(model, model_dir, out_dir, {"quantization_config": config}, label)
+    _write_compressed(model, tokenizer, dtype, out_dir, {"quantization_config": config}, label)
 
 
 @app.command("prune")
@@ -418,17 +433,15 @@ def prune_cmd(
 ) -> None:
     """Set a fraction of a model's block weights to zero; writes a new floating-point model directory."""
     from lmfleet.compress.prune import check_prune, parse_pattern, prune_model
-    from lmfleet.model import load_model
 
     _check_out(out_dir)
-    model = load_model(model_dir)
+    model, tokenizer, dtype = _load_source(model_dir)
     check_prune(model, method, sparsity, parse_pattern(pattern))
     ids = None
     if method == "wanda":
-        ids = _calibration(model_dir, data, samples, min(seq_len, model.config.max_position_embeddings),
-                           model.config.vocab_size, "--method wanda")
+        ids = _calibration(model, data, samples, seq_len, "--method wanda")
     config = prune_model(model, method, sparsity, pattern, ids, progress=_layer_progress(method))
-    _write_compressed(model, model_dir, out_dir, {"pruning_config": config},
+    _write_compressed(model, tokenizer, dtype, out_dir, {"pruning_config": config},
                       f"{method} {config['pattern'] or ''} sparsity {config['achieved']:.4f}".replace("  ", " "))
 
 

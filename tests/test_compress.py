@@ -190,3 +190,25 @@ def test_a_hostile_quantized_directory_is_refused_in_one_line(dirs, tmp_path) ->
     ]
     for path, needle in cases:
         assert_one_line_error(run_cli("generate", str(path), "hi", "--max-tokens", "2"), needle)
+
+
+def test_a_bf16_model_stays_bf16_when_pruned_or_quantized(dirs, tmp_path) -> None:
+    """Compression computes in fp32 but writes the weights back in the source's dtype."""
+    from lmfleet.model import load_tokenizer, save_model
+
+    fp32_dir, _ = dirs
+    source = tmp_path / "bf16"
+    save_model(load_model(fp32_dir).to(torch.bfloat16), source, tokenizer=load_tokenizer(fp32_dir))
+    for command, extra in (("prune", ("--sparsity", "0.5")), ("quantize", ("--method", "int4", "--group-size", "32"))):
+        out = tmp_path / command
+        result = run_cli(command, str(source), "--out", str(out), *extra)
+        assert result.returncode == 0, result.stderr
+        stored = load_file(str(out / "model.safetensors"))
+        assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+        assert stored["model.norm.weight"].dtype == torch.bfloat16
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        if command == "prune":
+            w = stored["model.layers.0.mlp.up_proj.weight"]
+            assert w.dtype == torch.bfloat16 and int((w == 0).sum()) == w.numel() // 2
+        else:
+            assert stored["model.layers.0.mlp.up_proj.scales"].dtype == torch.float32

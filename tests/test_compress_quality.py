@@ -180,7 +180,7 @@ def test_pruning_reaches_the_exact_sparsity_and_wanda_loses_less_than_magnitude(
     assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"], ppl
 
 
-def test_a_distilled_student_beats_the_same_student_from_scratch(root, corpus, trained) -> None:
+def test_a_distilled_student_beats_the_same_student_from_scratch(root, corpus, trained, with_outliers) -> None:
     """Same student, same steps, same tokens: the one trained on the teacher's distributions too
     reaches a lower validation loss."""
     config = root / "student.toml"
@@ -190,7 +190,18 @@ def test_a_distilled_student_beats_the_same_student_from_scratch(root, corpus, t
     scratch, distilled = perplexity(root / "scratch" / "final", corpus), perplexity(root / "distilled" / "final", corpus)
     assert distilled < scratch, (distilled, scratch)
     meta = json.loads(next((root / "distilled" / "checkpoints").glob("step_*/meta.json")).read_text())
-    assert meta["teacher"]["path"] == str(trained)
+    assert meta["teacher"]["path"] == str(trained) and meta["distill"] == {"temperature": 1.0, "alpha": 0.5}
+    records = [json.loads(line) for line in (root / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert len(steps) == 120
+    for r in steps:  # the logged loss is the mix of its logged parts (T = 1, alpha = 0.5)
+        assert r["distill_kl"] > 0 and abs(r["loss"] - (0.5 * r["distill_kl"] + 0.5 * r["distill_ce"])) < 1e-5
+    # Resuming needs the same teacher and loss, and a distillation run stays one.
+    resume = ("--data", str(corpus), "--out", str(root / "distilled"), "--resume", "--steps", "130")
+    assert_one_line_error(run_cli("distill", str(trained), str(config), *resume, "--temperature", "2"),
+                          "it was distilled with {'temperature': 1.0, 'alpha': 0.5}")
+    assert_one_line_error(run_cli("distill", str(with_outliers), str(config), *resume), "is another model")
+    assert_one_line_error(run_cli("train", str(config), *resume), "and this run has no teacher")
 
 
 def test_bad_compression_input_is_one_line_and_leaves_no_output(root, corpus, trained, tmp_path) -> None:

@@ -23,16 +23,22 @@ import torch.nn.functional as F
 from lmfleet.errors import ConfigError
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      alpha: float) -> torch.Tensor:
-    """The mean over tokens of the loss above; `student`, `teacher` [..., vocab], `targets` [...]."""
+def distillation_terms(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(teacher/T || student/T), cross-entropy), each the mean over tokens; `student`,
+    `teacher` [..., vocab], `targets` [...]."""
     s = student.flatten(0, -2)
-    hard = F.cross_entropy(s, targets.flatten()) if alpha < 1 else s.new_zeros(())
-    if alpha == 0:
-        return hard
+    hard = F.cross_entropy(s, targets.flatten())
     t = teacher.flatten(0, -2).to(s.dtype)
     soft = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
                     log_target=True, reduction="batchmean")
+    return soft, hard
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      alpha: float) -> torch.Tensor:
+    """The mean over tokens of the loss above."""
+    soft, hard = distillation_terms(student, teacher, targets, temperature)
     return alpha * temperature ** 2 * soft + (1 - alpha) * hard
 
 

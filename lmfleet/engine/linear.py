@@ -106,6 +106,42 @@ class Int4WeightLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class CudaInt4WeightLinear(nn.Module):
+    """An int4 layer on CUDA through aten's tinygemm kernel (`_weight_int4pack_mm`), bf16
+    activations: the same `(q - 8) * scale + offset` as on CPU, with the integers repacked into
+    the CUDA layout (two values a byte, the even column in the high nibble, then tiled by
+    `_convert_weight_to_int4pack`)."""
+
+    def __init__(self, layer: nn.Module, inner_k_tiles: int):
+        super().__init__()
+        from lmfleet.compress.quantize import unpack_int4
+
+        self.group_size = layer.group_size
+        q = unpack_int4(layer.qweight)
+        high_first = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(high_first, inner_k_tiles),
+                             persistent=False)
+        scales = layer.scales.float()
+        offsets = scales * (8 - layer.zeros.float())
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), offsets.t()], dim=-1)
+                             .to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + self.bias
+
+
+def cuda_int4_inner_k_tiles(layer: nn.Module) -> int | None:
+    """The tiling aten's CUDA int4 kernel takes for this layer (input a multiple of 16 x tiles,
+    output a multiple of 8), or None."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm") or layer.out_features % 8:
+        return None
+    return next((t for t in (8, 4, 2) if layer.in_features % (16 * t) == 0), None)
+
+
 def int8_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -117,10 +153,13 @@ def int4_kernel_fits(layer: nn.Module) -> bool:
 
 
 def quantized_kernel(layer: nn.Module, device: torch.device) -> nn.Module:
-    """The engine's module for a quantized layer: a CPU kernel where one fits, else the layer's
-    own reference forward (dequantize, then matmul)."""
+    """The engine's module for a quantized layer: a kernel where one fits (int8 and int4 on CPU,
+    int4 on CUDA), else the layer's own reference forward (dequantize, then matmul)."""
     from lmfleet.compress.quantize import Int4QuantizedLinear, QuantizedLinear
 
+    if device.type == "cuda" and isinstance(layer, Int4QuantizedLinear):
+        tiles = cuda_int4_inner_k_tiles(layer)
+        return layer if tiles is None else CudaInt4WeightLinear(layer, tiles)
     if device.type != "cpu":
         return layer
     if isinstance(layer, QuantizedLinear) and int8_kernel_available():

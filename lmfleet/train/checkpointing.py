@@ -308,9 +308,10 @@ def check_same_corpus(path: str | Path, meta: dict[str, Any], corpus: dict[str, 
                            "on the new data")
 
 
-def check_same_teacher(path: str | Path, meta: dict[str, Any], teacher: dict[str, str] | None) -> None:
-    """Refuse to resume a distillation run with another teacher, or to mix distillation and
-    ordinary training in one run."""
+def check_same_teacher(path: str | Path, meta: dict[str, Any], teacher: dict[str, str] | None,
+                       settings: dict[str, float] | None = None) -> None:
+    """Refuse to resume a distillation run with another teacher or other loss `settings`
+    (temperature, alpha), or to mix distillation and ordinary training in one run."""
     saved = meta.get("teacher")
     if saved is None and teacher is None:
         return
@@ -323,3 +324,7 @@ def check_same_teacher(path: str | Path, meta: dict[str, Any], teacher: dict[str
         raise LmfleetError(f"cannot resume from {path}: it was distilled from {saved.get('path')} (sha256 "
                            f"{str(saved.get('sha256'))[:12]}), and this run's teacher {teacher['path']} is another "
                            f"model (sha256 {teacher['sha256'][:12]})")
+    saved_settings = meta.get("distill")
+    if settings is not None and isinstance(saved_settings, dict) and saved_settings != settings:
+        raise LmfleetError(f"cannot resume from {path}: it was distilled with {saved_settings}, this run asks for "
+                           f"{settings}; keep [distill] temperature and alpha as the run began")

@@ -122,7 +122,8 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
                                     model_config.to_dict(), config.data.seq_len, config.batch.global_batch)
         if not spec.allow_new_data:
             ckpt.check_same_corpus(selection.path, meta, corpus.identity())
-        ckpt.check_same_teacher(selection.path, meta, teacher)
+        ckpt.check_same_teacher(selection.path, meta, teacher,
+                                {"temperature": config.distill.temperature, "alpha": config.distill.alpha})
         # The checkpoint's global batch, whatever this run's world size: the loss curve continues.
         saved_batch = meta.get("global_batch")
         if not isinstance(saved_batch, int) or isinstance(saved_batch, bool) or saved_batch < 1:

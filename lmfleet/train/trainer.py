@@ -161,6 +161,7 @@ class Trainer:
         # alpha = 0 is plain cross-entropy: the teacher is not even loaded.
         self.teacher = self._teacher() if config.distill.teacher and config.distill.alpha > 0 else None
         self.teacher_id = None
+        self.distill_terms: list[torch.Tensor] = []  # this step's (KL, CE) per micro-batch
         if config.distill.teacher and info.is_main:  # meta.json is rank 0's
             from lmfleet.compress.distill import teacher_identity
 
@@ -197,11 +198,14 @@ class Trainer:
         """Cross-entropy; in a distillation run `targets` is (tokens, inputs): the teacher scores
         the inputs and the loss mixes in the KL term (`lmfleet.compress.distill`)."""
         if isinstance(targets, tuple):
-            from lmfleet.compress.distill import distillation_loss
+            from lmfleet.compress.distill import distillation_terms
 
             tokens, inputs = targets  # the teacher runs here, one micro-batch's logits at a time
-            return distillation_loss(logits.to(self.param_dtype), self.teacher_logits(inputs), tokens,
-                                     self.config.distill.temperature, self.config.distill.alpha)
+            temperature, alpha = self.config.distill.temperature, self.config.distill.alpha
+            soft, hard = distillation_terms(logits.to(self.param_dtype), self.teacher_logits(inputs), tokens,
+                                            temperature)
+            self.distill_terms.append(torch.stack([soft.detach(), hard.detach()]))
+            return alpha * temperature ** 2 * soft + (1 - alpha) * hard
         return F.cross_entropy(logits.to(self.param_dtype).flatten(0, 1), targets.flatten())
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -214,7 +218,9 @@ class Trainer:
                 "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
                 "global_batch": self.config.global_batch(self.dims.dp),
                 "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total,
-                "corpus": self.corpus.identity(), **({"teacher": self.teacher_id} if self.teacher_id else {})}
+                "corpus": self.corpus.identity(), **({"teacher": self.teacher_id, "distill": {"temperature": self.config.distill.temperature,
+                                                             "alpha": self.config.distill.alpha}}
+                   if self.teacher_id else {})}
 
     def save(self, stopped_by: str | None = None) -> Path:
         local = {"loader": self.loader.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -278,9 +284,16 @@ class Trainer:
         # Summed over ranks in one all-reduce: [loss, ranks asking to stop].
         loss_sum /= accum * self.strategy.loss_ranks
         reduced = torch.stack([loss_sum, torch.full_like(loss_sum, float(self.stop.requested))])
+        terms = None
+        if self.teacher is not None:  # the KL and cross-entropy parts, averaged like the loss
+            terms = torch.stack(self.distill_terms).sum(dim=0).to(loss_sum) / (accum * self.strategy.loss_ranks)
+            self.distill_terms.clear()
+            reduced = torch.cat([reduced, terms])
         _all_reduce_sum(reduced)
         # One device-to-host sync per step, after the optimizer's kernels are queued.
-        loss_value, stop_votes, grad_norm_value = torch.cat([reduced, grad_norm.to(loss_sum)[None]]).tolist()
+        values = torch.cat([reduced, grad_norm.to(loss_sum)[None]]).tolist()
+        loss_value, stop_votes, grad_norm_value = values[0], values[1], values[-1]
+        extra = {"distill_kl": values[2], "distill_ce": values[3]} if terms is not None else {}
         self.stop_agreed = stop_votes > 0
         self.step += 1
         self.loader.step = self.step
@@ -294,7 +307,7 @@ class Trainer:
                 "mfu": self.flops_per_token * tokens_per_s / peak_total if peak_total else None,
                 "step_time_s": elapsed, "peak_mem_bytes": peak_memory_bytes(self.info.device),
                 "comm_bytes": comm, "comm_bytes_total": self.comm_total, "comm_calls": calls,
-                "comm_calls_total": self.comm_calls_total}
+                "comm_calls_total": self.comm_calls_total, **extra}
 
     def evaluate(self) -> dict[str, Any]:
         with self.strategy.eval_weights():
