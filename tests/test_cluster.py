@@ -553,6 +553,16 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
         sorted(by_replica(families, "lmfleet:num_requests_running"))
 
 
+def assert_answers_like_one_engine(url: str, model_dir, prompts) -> None:
+    """The endpoint's greedy completions equal one in-process engine's on the same directory."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
+    engine = LLMEngine(model_dir, kv_cache_memory=4 * 2**20)
+    for prompt in prompts:
+        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == ref.text
+
+
 def test_quantized_replicas_answer_with_the_engines_text(model_dir, cluster, tmp_path) -> None:
     """An int4 directory from `lmfleet quantize` deploys like any model: two replicas answer the
     openai client with one engine's greedy text on the same directory."""
@@ -560,12 +570,7 @@ def test_quantized_replicas_answer_with_the_engines_text(model_dir, cluster, tmp
     result = run_cli("quantize", str(model_dir), "--out", str(quantized), "--method", "int4", "--group-size", "64")
     assert result.returncode == 0, result.stderr
     url = deploy(quantized, cluster, replicas=2, cpus_per_replica=1)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
-    engine = LLMEngine(quantized, kv_cache_memory=4 * 2**20)
-    for prompt in ("The quick brown", "def add(a, b):", "Data flows one way", "Notes"):
-        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
-        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
-        assert out.choices[0].text == ref.text
+    assert_answers_like_one_engine(url, quantized, ("The quick brown", "def add(a, b):", "Data flows one way", "Notes"))
 
 
 def test_tensor_parallel_replicas_answer_and_reserve_their_ranks(model_dir, cluster) -> None:
@@ -574,12 +579,8 @@ def test_tensor_parallel_replicas_answer_and_reserve_their_ranks(model_dir, clus
     equals one process's. The module's fixture then checks no worker outlived the cluster."""
     url = deploy(model_dir, cluster, replicas=2, cpus_per_replica=0.5,
                  engine_kwargs={"kv_cache_memory": 4 * 2**20, "tensor_parallel_size": 2})
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60)
-    engine = LLMEngine(model_dir, kv_cache_memory=4 * 2**20)
-    for prompt in ("The quick brown", "def add(a, b):", "Data flows one way", "import os"):
-        ref = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0]
-        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
-        assert out.choices[0].text == ref.text
+    assert_answers_like_one_engine(url, model_dir, ("The quick brown", "def add(a, b):", "Data flows one way",
+                                                    "import os"))
     time.sleep(2.5)
     families = scrape(url)
     assert total(families, "lmfleet:num_replicas") == 2

@@ -29,6 +29,7 @@ from lmfleet.compress.quantize import (
     BLOCK_LINEARS,
     Int4QuantizedLinear,
     check_quantize,
+    dequantize_int4,
     int4_params,
     int4_round,
     quantize_int4,
@@ -200,10 +201,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp
 # ---- AWQ -----------------------------------------------------------------------------------------
 
 def _int4_dequantized(weight: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    q, scales, zeros = quantize_int4(weight, group_size, clip)
-    out_f, in_f = weight.shape
-    w = (q.float().reshape(out_f, -1, group_size) - zeros.float()[..., None]) * scales[..., None]
-    return w.reshape(out_f, in_f)
+    return dequantize_int4(*quantize_int4(weight, group_size, clip), group_size)
 
 
 def awq_scale(weights: list[torch.Tensor], x: torch.Tensor, magnitude: torch.Tensor, group_size: int,

@@ -82,6 +82,13 @@ def quantize_int4(weight: torch.Tensor, group_size: int,
     return q.reshape(out_f, in_f).to(torch.uint8), scale, zero.to(torch.uint8)
 
 
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [out, in] from q (0..15) [out, in], scales and zeros [out, in/group]."""
+    out_f, in_f = q.shape
+    w = (q.float().reshape(out_f, -1, group_size) - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.reshape(out_f, in_f)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in] (values 0..15) -> uint8 [out, in/2], column 2j in the low nibble of byte j."""
     q = q.to(torch.uint8)
@@ -184,9 +191,7 @@ class Int4QuantizedLinear(nn.Module):
         return module
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+        return dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

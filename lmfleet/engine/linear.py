@@ -79,6 +79,14 @@ class Int8WeightLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def _int4_scales_and_offsets(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """[in/group, out, 2]: each group's scale and the offset that turns the kernels' `(q - 8) * scale
+    + offset` into our `scale * (q - zero)`, i.e. offset = scale * (8 - zero)."""
+    scales = layer.scales.float()
+    offsets = scales * (8 - layer.zeros.float())
+    return torch.stack([scales.t(), offsets.t()], dim=-1).to(dtype).contiguous()
+
+
 class Int4WeightLinear(nn.Module):
     """An int4 layer's `x @ W^T + b` through aten's CPU int4 weight-only kernel
     (`_weight_int4pack_mm_for_cpu`), with bf16 activations like `Int8WeightLinear`. The kernel
@@ -92,10 +100,7 @@ class Int4WeightLinear(nn.Module):
         self.compute_dtype, self.group_size = compute_dtype, layer.group_size
         q = unpack_int4(layer.qweight).to(torch.int32).contiguous()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
-        scales = layer.scales.float()
-        offsets = scales * (8 - layer.zeros.float())
-        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), offsets.t()], dim=-1)
-                             .to(compute_dtype).contiguous(), persistent=False)
+        self.register_buffer("scales_and_zeros", _int4_scales_and_offsets(layer, compute_dtype), persistent=False)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +126,7 @@ class CudaInt4WeightLinear(nn.Module):
         high_first = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(high_first, inner_k_tiles),
                              persistent=False)
-        scales = layer.scales.float()
-        offsets = scales * (8 - layer.zeros.float())
-        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), offsets.t()], dim=-1)
-                             .to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("scales_and_zeros", _int4_scales_and_offsets(layer, torch.bfloat16), persistent=False)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
