@@ -27,6 +27,10 @@ def model_dir(tmp_path, tokenizer):
     (dict(model_type="gpt2"), "model_type='gpt2' is not supported"),
     (dict(model_type="qwen2"), "bias on q/k/v only"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": "2"}), "must be positive numbers"),
+    (dict(max_position_embeddings=2**31), "at most 16,777,216"),
+    (dict(num_hidden_layers=10**6), "num_hidden_layers=1000000 must be a positive integer .at most 1,024."),
+    (dict(head_dim=2**20), "head_dim=1048576 must be a positive even integer up to 4096"),
 ])
 def test_config_validation(fields, needle) -> None:
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -67,6 +71,22 @@ def test_corrupt_and_mismatched_weights(model_dir) -> None:
     (model_dir / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="only pickle weights"):
         load_model(model_dir)
+
+
+def test_a_shard_index_cannot_point_outside_its_directory(model_dir, tmp_path) -> None:
+    """A crafted model.safetensors.index.json naming a file elsewhere on the host is refused, even
+    when that file exists and holds the right tensors."""
+    from safetensors.torch import load_file
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes((model_dir / "model.safetensors").read_bytes())
+    names = load_file(str(elsewhere)).keys()
+    (model_dir / "model.safetensors").unlink()
+    for target in (f"../{elsewhere.name}", str(elsewhere)):
+        index = {"metadata": {}, "weight_map": {name: target for name in names}}
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="outside its directory"):
+            load_model(model_dir)
 
 
 @pytest.mark.integration

@@ -118,6 +118,26 @@ def test_gguf_tensors_and_metadata_round_trip(model_dir, tmp_path, out_type, tol
     _assert_every_tensor_round_trips(reader, model, out_type, tolerance)
 
 
+def test_an_interrupted_export_leaves_no_file_and_keeps_the_old_one(model_dir, tmp_path, monkeypatch) -> None:
+    """Cut short while writing tensors (Ctrl-C, a full disk), the export leaves neither a truncated
+    .gguf nor its temporary file, and a previous file of that name is untouched."""
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    export_gguf(model_dir, out, "F16")
+    before = out.read_bytes()
+
+    def cut_short(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model_dir, out, "Q8_0")
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model_dir, tmp_path / "new.gguf", "Q8_0")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 def test_a_quantized_directory_exports_its_rounded_weights(model_dir, tmp_path) -> None:
     """An int4 directory exports the weights its integers stand for (dequantized), exactly in F32."""
     from lmfleet.compress.quantize import dequantize_model

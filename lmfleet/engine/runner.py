@@ -32,7 +32,7 @@ class ModelRunner:
         cfg = model.config
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        model.rope.precompute(self.device, self.dtype)  # steps look cos/sin up instead of computing them
+        model.rope.precompute(self.device, self.dtype, max_model_len)  # steps look cos/sin up, not compute them
         # One block more than the pool hands out: the scratch block padding rows write to.
         # `kv_heads`: this rank's KV heads under tensor parallelism (all of them otherwise).
         shape = (cfg.num_hidden_layers, (num_blocks + 1) * block_size, kv_heads or cfg.num_key_value_heads,

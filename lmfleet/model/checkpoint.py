@@ -109,7 +109,12 @@ def _weight_files(directory: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
-        files = [directory / f for f in sorted(set(weight_map.values()))]
+        names = sorted({str(f) for f in weight_map.values()})
+        outside = [f for f in names if f != Path(f).name or f in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(f"{index} lists weight files outside its directory: {outside[:3]} (shards are "
+                                  "plain file names next to the index)")
+        files = [directory / f for f in names]
     elif (directory / SAFETENSORS).is_file():
         files = [directory / SAFETENSORS]
     else:

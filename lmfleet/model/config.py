@@ -16,6 +16,12 @@ MODEL_TYPES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# Upper bounds on what a config.json may ask for (beyond any published model), so that a crafted
+# one cannot make the loader allocate without bound before a tensor is read.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 1 << 24}
+
+
 @dataclass
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer; validates itself on construction."""
@@ -45,19 +51,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise ConfigError(f"{name}={value!r} must be a positive integer (at most {limit:,})")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"num_attention_heads={self.num_attention_heads} does not divide "
                     f"hidden_size={self.hidden_size}; choose a divisor or set head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim!r} must be a positive even integer (RoPE rotates pairs)")
+        if not isinstance(self.head_dim, int) or not 0 < self.head_dim <= 4096 or self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim!r} must be a positive even integer up to 4096 (RoPE "
+                              "rotates pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
@@ -95,6 +101,10 @@ class ModelConfig:
         missing = [k for k in needed if k not in self.rope_scaling]
         if missing:
             raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {missing}")
+        bad = [k for k in needed if isinstance(self.rope_scaling[k], bool)
+               or not isinstance(self.rope_scaling[k], (int, float)) or not self.rope_scaling[k] > 0]
+        if bad:
+            raise ConfigError(f"rope_scaling {bad} must be positive numbers")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

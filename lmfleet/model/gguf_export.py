@@ -10,6 +10,7 @@ anything the file cannot say is refused with a ConfigError, never exported as a 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,24 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
     check_exportable(config)
     tok = load_tokenizer(model_dir)
     out_path = Path(out_path)
-    writer = gguf.GGUFWriter(str(out_path), "llama")
-    writer.add_name(Path(model_dir).name)
+    if not out_path.parent.is_dir():
+        raise ConfigError(f"{out_path}: the directory {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise ConfigError(f"{out_path} is a directory; give the .gguf file to write")
+    # Written next to its place and renamed once complete: an interrupted export leaves no half file.
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        _write_gguf(gguf, tmp, model, config, tok, out_type, Path(model_dir).name)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _write_gguf(gguf, path: Path, model, config: ModelConfig, tok, out_type: str, name: str) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -129,7 +146,6 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F1
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out_path
 
 
 def _add_tokenizer(writer, tok, config: ModelConfig, gguf) -> None:

@@ -78,8 +78,11 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return torch.cat((emb.cos(), emb.sin()), dim=-1)
 
-    def precompute(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.table = self._cos_sin(torch.arange(self.max_positions, device=device)).to(dtype)
+    def precompute(self, device: torch.device, dtype: torch.dtype, positions: int | None = None) -> None:
+        """The cos/sin table of the first `positions` positions (default: all the model has): the
+        engine's max_model_len, which no sequence passes."""
+        self.table = self._cos_sin(torch.arange(min(positions or self.max_positions, self.max_positions),
+                                                device=device)).to(dtype)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         table = self.table
