@@ -11,11 +11,13 @@ QS := runs/quickstart
 .PHONY: install quickstart test clean
 
 install: $(VENV)/.installed
-	@# promtool (Debian's prometheus package) checks the cluster's /metrics in the tests
-	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@# promtool (Debian's prometheus package) checks the cluster's /metrics in the tests; redis-server
+	@# is the shared history store of the recommender's replicas
+	@{ command -v promtool >/dev/null && command -v redis-server >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "note: promtool not found (apt-get install prometheus as root); its test skips outside CI"; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus redis-server >/dev/null; \
+	  else echo "note: promtool or redis-server not found (apt-get install prometheus redis-server as root); their tests skip outside CI"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -23,6 +23,8 @@ export_app = typer.Typer(help="Export a model to other formats.", no_args_is_hel
 app.add_typer(export_app, name="export")
 bench_app = typer.Typer(help="Benchmarks of the engine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+recsys_app = typer.Typer(help="A sequential recommender (SASRec): prepare, train, eval, serve.", no_args_is_help=True)
+app.add_typer(recsys_app, name="recsys")
 
 console = Console(stderr=True)
 out = Console()
@@ -261,16 +263,12 @@ def train(
 ) -> None:
     """Train a model on a corpus: DDP, FSDP2 or DiLoCo across processes and nodes, tensor and
     pipeline parallel (--tp, --pp) with data parallel over the rest."""
-    from lmfleet.train import LaunchSpec, TrainConfig
+    from lmfleet.train import LaunchSpec
     from lmfleet.train.launch import parse_nnodes
 
-    fields = _parse_overrides(overrides or [])
-    for key, value in (("data.dir", data), ("train.out_dir", out_dir), ("train.steps", steps),
-                       ("checkpoint.every", checkpoint_every), ("train.strategy", strategy),
-                       ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.pp_schedule", pp_schedule)):
-        if value is not None:
-            fields[key] = str(value) if isinstance(value, Path) else value
-    config = TrainConfig.load(config_path).apply_overrides(fields)
+    config = _train_config(config_path, overrides, {
+        "data.dir": data, "train.out_dir": out_dir, "train.steps": steps, "checkpoint.every": checkpoint_every,
+        "train.strategy": strategy, "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": pp_schedule})
     min_nodes, max_nodes = parse_nnodes(nnodes)
     spec = LaunchSpec(nproc=nproc, nnodes=min_nodes, max_nnodes=max_nodes, node_rank=node_rank,
                       rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf, max_restarts=max_restarts, resume=resume,
@@ -278,14 +276,28 @@ def train(
     _launch(config, spec)
 
 
-def _launch(config, spec) -> None:
+def _train_config(config_path: Path, overrides: list[str] | None, options: dict[str, object]):
+    """A training config from its TOML file, then `--set` pairs, then the named options given."""
+    from lmfleet.train import TrainConfig
+
+    fields = _parse_overrides(overrides or [])
+    for key, value in options.items():
+        if value is not None:
+            fields[key] = str(value) if isinstance(value, Path) else value
+    return TrainConfig.load(config_path).apply_overrides(fields)
+
+
+def _launch(config, spec, task=None) -> None:
     """Run a training job and print how it ended."""
     from lmfleet.train import launch
 
-    summary = launch(config, spec)
+    summary = launch(config, spec, task)
     if summary.get("stopped_at") is not None:
         out.print(f"stopped by SIGTERM after step {summary['stopped_at']}: checkpoint {summary['checkpoint']} "
                   "(continue with --resume)")
+    elif summary.get("final_dir") and "val_ndcg@10" in summary:
+        out.print(f"final model: {summary['final_dir']} (validation HR@10 {summary['val_hr@10']:.4f}, "
+                  f"NDCG@10 {summary['val_ndcg@10']:.4f})")
     elif summary.get("final_dir"):
         out.print(f"final model: {summary['final_dir']} (validation perplexity "
                   f"{summary.get('val_perplexity', float('nan')):.2f})")
@@ -315,15 +327,11 @@ def distill_cmd(
 ) -> None:
     """Train a student model on a teacher's soft targets (KL at a temperature, plus cross-entropy)
     with the distributed trainer: strategies, checkpoints, resume and SIGTERM apply as in `train`."""
-    from lmfleet.train import LaunchSpec, TrainConfig
+    from lmfleet.train import LaunchSpec
 
-    fields = _parse_overrides(overrides or [])
-    fields["distill.teacher"] = str(teacher_dir)
-    for key, value in (("data.dir", data), ("train.out_dir", out_dir), ("train.steps", steps),
-                       ("train.strategy", strategy), ("distill.temperature", temperature), ("distill.alpha", alpha)):
-        if value is not None:
-            fields[key] = str(value) if isinstance(value, Path) else value
-    config = TrainConfig.load(config_path).apply_overrides(fields)
+    config = _train_config(config_path, overrides, {
+        "distill.teacher": teacher_dir, "data.dir": data, "train.out_dir": out_dir, "train.steps": steps,
+        "train.strategy": strategy, "distill.temperature": temperature, "distill.alpha": alpha})
     _launch(config, LaunchSpec(nproc=nproc, max_restarts=max_restarts, resume=resume,
                                checkpoint_on_sigterm=checkpoint_on_sigterm))
 
@@ -505,6 +513,151 @@ def plot(
     from lmfleet.train.plot import plot_run
 
     out.print(f"wrote {plot_run(run_dir, output)}")
+
+
+# ---- recsys ---------------------------------------------------------------------------------------
+
+@recsys_app.command("prepare")
+def recsys_prepare(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
+    interactions: Annotated[Path | None, typer.Option(help="Interaction log: MovieLens u.data / ratings.dat, a "
+                                                      "RecBole .inter file, or CSV user,item,timestamp.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (by file name), movielens, recbole or csv.")] = "auto",
+    synthetic: Annotated[str | None, typer.Option(help="USERS,ITEMS: generate a log instead, with popularity skew "
+                                                  "and a planted rule (item i is usually followed by i+1).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --synthetic.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
+) -> None:
+    """Order interactions by time, map ids, build per-user sequences and a leave-one-out split."""
+    from lmfleet.recsys.data import prepare_interactions
+
+    sizes = None
+    if synthetic is not None:
+        try:
+            users, items = (int(v) for v in synthetic.split(","))
+        except ValueError:
+            raise ConfigError(f"--synthetic {synthetic!r} should be USERS,ITEMS, e.g. 1000,500") from None
+        sizes = (users, items)
+    manifest = prepare_interactions(interactions, out_dir, fmt, synthetic=sizes, seed=seed, overwrite=overwrite)
+    out.print(f"{out_dir}: {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
+              f"{manifest['interactions']:,} interactions ({manifest['users_with_test']:,} users with a test item)")
+
+
+@recsys_app.command("train")
+def recsys_train(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="SASRec training config "
+                                                "(configs/sasrec-*.toml).")],
+    data: Annotated[Path | None, typer.Option(help="Dataset directory (overrides [data] dir).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (overrides [train] out_dir).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
+    nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
+    strategy: Annotated[str | None, typer.Option(help="ddp, fsdp (the item table sharded across ranks) or "
+                                                 "diloco.")] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restart the worker group up to K times after a failure.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest complete checkpoint.")] = False,
+    checkpoint_on_sigterm: Annotated[bool, typer.Option(help="On SIGTERM, finish the current step, checkpoint it "
+                                                        "and exit 0.")] = True,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: section.key=value, "
+                                                           "e.g. model.hidden_size=64.")] = None,
+) -> None:
+    """Train SASRec with the distributed trainer: strategies, checkpoints, resume, SIGTERM,
+    metrics and progress as in `train`; the model lands in RUN/final."""
+    from lmfleet.recsys.train import RecsysTask
+    from lmfleet.train import LaunchSpec
+
+    config = _train_config(config_path, overrides, {"data.dir": data, "train.out_dir": out_dir,
+                                                    "train.steps": steps, "train.strategy": strategy})
+    _launch(config, LaunchSpec(nproc=nproc, max_restarts=max_restarts, resume=resume,
+                               checkpoint_on_sigterm=checkpoint_on_sigterm), RecsysTask())
+
+
+@recsys_app.command("eval")
+def recsys_eval(
+    model_dir: Annotated[Path, typer.Argument(help="A SASRec model directory (RUN/final).")],
+    data: Annotated[Path, typer.Option(help="The dataset directory it was trained on.")],
+    split: Annotated[str, typer.Option(help="test (the last item) or valid (the second-last).")] = "test",
+    k: Annotated[int, typer.Option(help="Cut-off of HR@K and NDCG@K.")] = 10,
+    negatives: Annotated[int, typer.Option(help="Sampled protocol: negatives per user.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled negatives.")] = 0,
+    max_users: Annotated[int | None, typer.Option(help="Score only the first N users.")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also popularity and item-kNN (catalogs up to 50,000 items) "
+                                            "on the same split.")] = True,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="Evaluate on a dataset other than "
+                                                   "the one the model was trained on.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """HR@K and NDCG@K under full ranking and 100 sampled negatives, against popularity and item-kNN."""
+    from lmfleet.recsys.evaluate import evaluate_model_dir
+
+    result = evaluate_model_dir(model_dir, data, split, k, negatives, seed, max_users, baselines, allow_other_data)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{model_dir} on {data} ({split}, {next(iter(result.values()))['full']['users']:,} users)")
+    for column in ("scorer", f"full HR@{k}", f"full NDCG@{k}", f"sampled HR@{k}", f"sampled NDCG@{k}"):
+        table.add_column(column, justify="right" if column != "scorer" else "left")
+    for name, r in result.items():
+        table.add_row(name, *(f"{r[p][m]:.4f}" for p in ("full", "sampled") for m in (f"hr@{k}", f"ndcg@{k}")))
+    out.print(table)
+
+
+@recsys_app.command("serve")
+def recsys_serve(
+    model_dir: Annotated[Path, typer.Argument(help="A SASRec model directory (RUN/final).")],
+    data: Annotated[Path | None, typer.Option(help="The dataset whose users' histories to serve by user_id "
+                                                   "(without it: histories come from /v1/events or the "
+                                                   "request).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accept this key (repeatable); also "
+                                                         "LMFLEET_API_KEY (comma-separated). None: open.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: the run's "
+                                                             "directory name).")] = None,
+    history_store: Annotated[str, typer.Option(help="Where posted events live: memory (this process) or "
+                                               "redis://HOST:PORT/DB (shared by replicas).")] = "memory",
+    store_prefix: Annotated[str, typer.Option(help="Prefix of the history store's Redis keys.")] = "lmfleet:recsys",
+    max_events: Annotated[int, typer.Option(help="Events kept per user (the oldest go).")] = 200,
+    max_users: Annotated[int, typer.Option(help="Users with events the in-memory store holds at most.")] = 1_000_000,
+    max_batch: Annotated[int, typer.Option(help="Requests scored together at most (1: no batching).")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its "
+                                               "batch.")] = 2.0,
+    max_queued: Annotated[int, typer.Option(help="Requests waiting for a batch before new ones get 429.")] = 2048,
+    max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 1000,
+    cold_start: Annotated[str, typer.Option(help="A user with no history: popularity (the most popular "
+                                            "items) or error (404).")] = "popularity",
+    threads: Annotated[int | None, typer.Option(help="torch threads for scoring (default: torch's).")] = None,
+    rate_limit: Annotated[float | None, typer.Option(help="Requests per second per API key; over it: 429.")] = None,
+    rate_burst: Annotated[int | None, typer.Option(help="Burst size of the rate limit.")] = None,
+    max_body_bytes: Annotated[str, typer.Option(help="Largest request body accepted (413 above).")] = "1MiB",
+    protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")]
+    = False,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get on SIGTERM.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve recommendations over HTTP: POST /v1/recommendations, POST /v1/events, /health, /metrics."""
+    from lmfleet.recsys.serve import RecsysSettings, run_recsys_server
+    from lmfleet.serve.auth import load_api_keys, open_exposure_warning
+    from lmfleet.serve.server import parse_size
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} must be in 1..65535")
+    keys = load_api_keys(api_key or [], api_key_file)
+    exposure = open_exposure_warning(host, keys)
+    if exposure is not None:
+        console.print(f"[bold yellow]warning:[/] {escape(exposure)}", highlight=False, soft_wrap=True)
+    model_path = Path(model_dir).resolve()
+    name = served_model_name or (model_path.parent.name if model_path.name == "final" else model_path.name)
+    settings = RecsysSettings(name, keys, max_batch, max_wait_ms, max_queued, max_k, max_events, max_users, cold_start,
+                              history_store, store_prefix, parse_size(max_body_bytes, "--max-body-bytes"), rate_limit,
+                              rate_burst, protect_metrics, threads).check()
+    scheme = "https" if ssl_certfile else "http"
+    console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1/recommendations "
+                  f"({'API key required' if keys else 'no API key'})")
+    run_recsys_server(model_dir, settings, data, host, port, str(ssl_keyfile) if ssl_keyfile else None,
+                      str(ssl_certfile) if ssl_certfile else None, shutdown_timeout, log_level)
 
 
 # ---- engine ---------------------------------------------------------------------------------------

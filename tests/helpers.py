@@ -56,17 +56,17 @@ def chat_model_dir(root, tokenizer, max_position_embeddings: int, seed: int):
     return path
 
 
-def serve_process(model_dir, *args: str, cwd=None, env=None, timeout: float = 120):
-    """`lmfleet serve MODEL_DIR --port P ARGS` (the installed entry point), once healthy: the
-    process (stdout and stderr in one pipe) and its URL. Fails with the server's output if it
-    exits or stays unhealthy past `timeout` seconds."""
+def serve_process(model_dir, *args: str, cwd=None, env=None, timeout: float = 120, command=("serve",)):
+    """`lmfleet serve MODEL_DIR --port P ARGS` (the installed entry point; `command` ("recsys", "serve")
+    for the recommender), once healthy: the process (stdout and stderr in one pipe) and its URL.
+    Fails with the server's output if it exits or stays unhealthy past `timeout` seconds."""
     import time
     from pathlib import Path
 
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), "serve", str(model_dir), "--port",
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), *command, str(model_dir), "--port",
                              str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=cwd, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmfleet.errors import ConfigError, DataError
+from lmfleet.files import file_sha256, publish_dir
 from lmfleet.model.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 MANIFEST = "manifest.json"
@@ -115,14 +116,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _ShardWriter:
     """Appends token arrays to `<split>_<NNN>.bin`, starting a new shard past `shard_tokens`."""
 
@@ -156,7 +149,7 @@ class _ShardWriter:
     def summary(self) -> dict[str, Any]:
         self.close()
         for shard in self.shards:
-            shard["sha256"] = _sha256(self.directory / shard["file"])
+            shard["sha256"] = file_sha256(self.directory / shard["file"])
         return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents,
                 "shards": self.shards}
 
@@ -257,14 +250,7 @@ def prepare_corpus(sources: Sequence[str], out: str | os.PathLike, vocab_size: i
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         check_output_dir(out, overwrite)  # again: it may have changed while we tokenized
-        if out.exists():
-            # The old corpus moves aside first and goes only once the new one is in place.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -319,7 +305,7 @@ class Corpus:
         """The corpus's path and a SHA-256 over its tokenizer file and every shard's recorded
         checksum: equal for two preparations of the same text, different for any other data."""
         h = hashlib.sha256()
-        h.update(_sha256(self.path / self.manifest.get("tokenizer", "tokenizer.json")).encode())
+        h.update(file_sha256(self.path / self.manifest.get("tokenizer", "tokenizer.json")).encode())
         for split in sorted(self.splits):
             for shard in self.splits[split]["shards"]:
                 h.update(f"{split}/{shard['file']}:{shard['tokens']}:{shard['sha256']}\n".encode())
@@ -329,5 +315,5 @@ class Corpus:
         """Check every shard against the SHA-256 in the manifest."""
         for split in self.splits.values():
             for shard in split["shards"]:
-                if _sha256(self.path / shard["file"]) != shard["sha256"]:
+                if file_sha256(self.path / shard["file"]) != shard["sha256"]:
                     raise DataError(f"corpus shard {self.path / shard['file']} does not match its checksum")

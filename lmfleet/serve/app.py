@@ -18,9 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet import __version__
 from lmfleet.engine import AsyncLLMEngine
@@ -28,7 +26,7 @@ from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError, Req
 from lmfleet.engine.engine import RequestOutput
 from lmfleet.serve import protocol as P
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, Frontend, ServeSettings, error_body, merge_streams
-from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit
+from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit, install_error_handlers
 
 
 class _SSEResponse(StreamingResponse):
@@ -97,33 +95,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         return JSONResponse(error_body(message, type_ or STATUS_TYPES.get(status, "invalid_request_error"),
                                        param, code), status_code=status, headers=headers)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
-                                  code="invalid_json")
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "missing":
-            message = f"{param} is required"
-        elif param:
-            message = f"{param}: {message}"
-        return error_response(400, message, param=param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
-        return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+    install_error_handlers(app, error_response)
 
     # ---- guards ----------------------------------------------------------------------------------
     async def authorize(request: Request) -> str:

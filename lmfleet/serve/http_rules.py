@@ -1,11 +1,17 @@
-"""The request-body size limit the single server and the cluster ingress both apply, written once
-(checked before the body is all read). Which paths need a key is `auth.needs_key`."""
+"""What every HTTP app of lmfleet applies, written once: the request-body size limit (checked
+before the body is all read) and the mapping of errors to OpenAI-shaped JSON. Which paths need
+a key is `auth.needs_key`."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet.serve.frontend import APIError
 
@@ -86,3 +92,38 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def install_error_handlers(app: FastAPI, error_response: Callable[..., JSONResponse]) -> None:
+    """Every failure as `error_response(status, message, type_=None, param=None, code=None,
+    headers=None)`: APIErrors as raised, body validation as 400 naming the field (invalid JSON
+    as `invalid_json`), unknown routes and methods as 404/405, anything else as a 500 that names
+    only the exception's type."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                                  code="invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "missing":
+            message = f"{param} is required"
+        elif param:
+            message = f"{param}: {message}"
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+        return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")

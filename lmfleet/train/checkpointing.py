@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lmfleet.errors import LmfleetError
+from lmfleet.files import file_sha256
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STALE_DIR = re.compile(r"^\.step_(\d+)\.(tmp|old)$")
@@ -58,14 +59,6 @@ def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted((int(match.group(1)), path) for match, path in _entries(run_dir, STEP_DIR))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def problem(path: str | Path, verify_hashes: bool = False) -> str | None:
     """Why checkpoint `path` cannot be resumed from (None: it is complete). Sizes are always
     checked against the manifest; SHA-256s too with `verify_hashes`."""
@@ -86,7 +79,7 @@ def problem(path: str | Path, verify_hashes: bool = False) -> str | None:
         size = file.stat().st_size
         if size != entry["bytes"]:
             return f"{name} holds {size} bytes, the manifest says {entry['bytes']}"
-        if verify_hashes and _sha256(file) != entry["sha256"]:
+        if verify_hashes and file_sha256(file) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
@@ -185,7 +178,7 @@ def _sync_and_hash(tmp: Path, rank: int, world_size: int) -> dict[str, dict[str,
         file = tmp / name
         with file.open("rb") as f:
             os.fsync(f.fileno())
-        mine[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        mine[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     if world_size == 1:
         return mine
     gathered: list[Any] = [None] * world_size

@@ -129,10 +129,19 @@ class DistillSection:
     alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
 
 
+@dataclass
+class RecsysSection:
+    # `lmfleet recsys train` only (a SASRec run; [model] holds SASRec settings, data.seq_len is
+    # the history length it reads).
+    loss: str = "bce"  # "bce": each next item against `negatives` sampled ones; "softmax": over every item
+    negatives: int = 1  # sampled negatives per position (bce)
+    eval_users: int = 2048  # validation users scored by each periodic evaluation (0: all)
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
             "schedule": ScheduleSection, "train": TrainSection, "eval": EvalSection,
             "checkpoint": CheckpointSection, "diloco": DilocoSection, "parallel": ParallelSection,
-            "distill": DistillSection}
+            "distill": DistillSection, "recsys": RecsysSection}
 
 
 @dataclass
@@ -148,6 +157,7 @@ class TrainConfig:
     diloco: DilocoSection = field(default_factory=DilocoSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    recsys: RecsysSection = field(default_factory=RecsysSection)
 
     def validate(self, world_size: int | None = None) -> None:
         """Check every value; with `world_size`, also derive and check the batch split."""
@@ -161,8 +171,8 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         for name, value in [("eval.every", self.eval.every), ("checkpoint.every", self.checkpoint.every),
-                            ("schedule.warmup_steps", self.schedule.warmup_steps)]:
-            if not isinstance(value, int) or value < 0:
+                            ("schedule.warmup_steps", self.schedule.warmup_steps), ("train.seed", self.train.seed)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
         if self.optim.lr <= 0 or self.diloco.outer_lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr} and diloco.outer_lr={self.diloco.outer_lr} must be > 0")

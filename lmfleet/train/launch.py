@@ -81,11 +81,36 @@ def max_local_processes() -> tuple[int, str]:
     return os.cpu_count() or 1, "CPU cores"
 
 
-def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | None]:
+class TrainTask:
+    """What the launcher needs to know of a kind of model: a language model here;
+    `lmfleet.recsys.train` has the recommender's."""
+
+    worker = "lmfleet.train.worker"  # the module torchrun starts in every worker process
+
+    def inspect(self, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's configuration and the data's identity (what a resumed run must match),
+        after every check of them that can fail."""
+        from lmfleet.train.trainer import build_model_config
+
+        corpus = Corpus(config.data.dir)
+        self.corpus, self.model_config = corpus, build_model_config(config, corpus)
+        return self.model_config.to_dict(), corpus.identity()
+
+    def check_dims(self, dims: ParallelDims) -> None:
+        check_parallel(self.model_config, dims)
+
+    def run(self, config: TrainConfig, run_dir: Path, resume_from: Path | None,
+            checkpoint_on_sigterm: bool) -> dict[str, Any]:
+        """Train in this process (one worker, no torchrun)."""
+        from lmfleet.train.trainer import run_training
+
+        return run_training(config, run_dir, resume_from=resume_from, checkpoint_on_sigterm=checkpoint_on_sigterm)
+
+
+def prepare_run(config: TrainConfig, spec: LaunchSpec, task: TrainTask | None = None) -> tuple[Path, Path | None]:
     """Every check that can fail, before any worker starts; writes the run's resolved config.
     Returns the run directory and, with --resume, the checkpoint to resume from."""
-    from lmfleet.train.trainer import build_model_config
-
+    task = task or TrainTask()
     if spec.nproc < 1 or spec.nnodes < 1:
         raise ConfigError(f"--nproc={spec.nproc} and --nnodes={spec.nnodes} must be >= 1")
     limit, what = max_local_processes()
@@ -103,13 +128,12 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
         raise ConfigError(f"--nnodes={spec.nnodes_arg}: an elastic run needs batch.global_batch, the sequences per "
                           "step kept whatever the number of nodes (gradient accumulation adjusts)")
     config.validate(spec.world_size)
-    corpus = Corpus(config.data.dir)
-    model_config = build_model_config(config, corpus)
+    model_config, data_identity = task.inspect(config)
     teacher = None
     if config.distill.teacher:
         from lmfleet.compress.distill import check_teacher, teacher_identity
 
-        check_teacher(config.distill.teacher, model_config.vocab_size, corpus, config.data.seq_len)
+        check_teacher(config.distill.teacher, model_config["vocab_size"], task.corpus, config.data.seq_len)
         teacher = teacher_identity(config.distill.teacher)
     run_dir = Path(config.train.out_dir)
     if spec.resume:
@@ -119,9 +143,9 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
             raise LmfleetError(f"--resume: {run_dir} has no complete checkpoint to resume from"
                                + "".join(f"; skipped {p.name}: {why}" for p, why in selection.skipped))
         meta = ckpt.check_resumable(selection.path, spec.world_size, config.train.strategy,
-                                    model_config.to_dict(), config.data.seq_len, config.batch.global_batch)
+                                    model_config, config.data.seq_len, config.batch.global_batch)
         if not spec.allow_new_data:
-            ckpt.check_same_corpus(selection.path, meta, corpus.identity())
+            ckpt.check_same_corpus(selection.path, meta, data_identity)
         ckpt.check_same_teacher(selection.path, meta, teacher,
                                 {"temperature": config.distill.temperature, "alpha": config.distill.alpha})
         # The checkpoint's global batch, whatever this run's world size: the loss curve continues.
@@ -148,7 +172,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
         config.batch.global_batch = config.global_batch(config.dp_degree(spec.world_size))
     for world in spec.world_sizes:  # workers re-derive grad_accum at the world size they find
         dims = ParallelDims.for_world(world, config.parallel.tp, config.parallel.pp)
-        check_parallel(model_config, dims)
+        task.check_dims(dims)
         check_micro_batches(dims, config.derive_grad_accum(dims.dp), config.parallel.pp_schedule)
     config.derive_grad_accum(config.dp_degree(spec.world_size))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +181,7 @@ def prepare_run(config: TrainConfig, spec: LaunchSpec) -> tuple[Path, Path | Non
 
 
 def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = None,
-                  shutdown_timeout: bool = True) -> list[str]:
+                  shutdown_timeout: bool = True, worker: str = TrainTask.worker) -> list[str]:
     args = ["--nproc-per-node", str(spec.nproc), "--nnodes", spec.nnodes_arg,
             "--max-restarts", str(spec.max_restarts)]
     if shutdown_timeout:  # torch >= 2.7; older agents wait their default 30 s
@@ -171,7 +195,7 @@ def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = No
             args += ["--rdzv-conf", spec.rdzv_conf]
     else:
         args += ["--standalone"]
-    args += ["--module", "lmfleet.train.worker", str(run_dir)]
+    args += ["--module", worker, str(run_dir)]
     if resume_from is not None:
         args += ["--resume-from", str(resume_from)]
     if not spec.checkpoint_on_sigterm:
@@ -179,16 +203,14 @@ def torchrun_args(run_dir: Path, spec: LaunchSpec, resume_from: Path | None = No
     return args
 
 
-def launch(config: TrainConfig, spec: LaunchSpec) -> dict[str, Any]:
+def launch(config: TrainConfig, spec: LaunchSpec, task: TrainTask | None = None) -> dict[str, Any]:
     """Run a validated training job; returns its summary: the final model, or where SIGTERM
     stopped it (`stopped_at`, `checkpoint`)."""
-    run_dir, resume_from = prepare_run(config, spec)
+    task = task or TrainTask()
+    run_dir, resume_from = prepare_run(config, spec, task)
     start_step = ckpt.read_meta(resume_from)["step"] if resume_from else 0
     if spec.world_size == 1 and spec.max_restarts == 0 and not spec.elastic:
-        from lmfleet.train.trainer import run_training
-
-        return {"run_dir": str(run_dir), **run_training(config, run_dir, resume_from=resume_from,
-                                                        checkpoint_on_sigterm=spec.checkpoint_on_sigterm)}
+        return {"run_dir": str(run_dir), **task.run(config, run_dir, resume_from, spec.checkpoint_on_sigterm)}
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -196,7 +218,8 @@ def launch(config: TrainConfig, spec: LaunchSpec) -> dict[str, Any]:
     parser = get_args_parser()
     has_timeout = any("--shutdown-timeout" in action.option_strings for action in parser._actions)
     try:
-        run(parser.parse_args(torchrun_args(run_dir, spec, resume_from, shutdown_timeout=has_timeout)))
+        run(parser.parse_args(torchrun_args(run_dir, spec, resume_from, shutdown_timeout=has_timeout,
+                                            worker=task.worker)))
     except ChildFailedError as exc:
         failures = "; ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in exc.failures.items())
         raise LmfleetError(f"training workers failed ({failures}); logs above, checkpoints in "

@@ -141,16 +141,12 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.before_step = fault_hook(info.rank, self.stop)
         torch.manual_seed(config.train.seed)
-        self.corpus = Corpus(config.data.dir)
-        self.model_config = build_model_config(config, self.corpus)
         # Parameters (and so gradients, optimizer state, collectives) in float64 for fp64; bf16 autocasts.
         self.param_dtype = torch.float64 if config.train.precision == "fp64" else torch.float32
         self.dims = ParallelDims.for_world(info.world_size, config.parallel.tp, config.parallel.pp)
         config.derive_grad_accum(self.dims.dp)  # the global batch is kept whatever the world size
-        check_parallel(self.model_config, self.dims)
-        check_micro_batches(self.dims, config.batch.grad_accum, config.parallel.pp_schedule)
-        model = build_model(self.model_config, seed=config.train.seed, device=info.device,
-                            dtype=self.param_dtype)
+        self.setup_data()
+        model = self.build_model()
         mesh = self.dims.build_mesh(info.device.type) if self.dims.model_parallel else None
         module = parallelize(model, self.dims, mesh, info.rank, compile=config.train.compile)
         if self.dims.model_parallel:
@@ -166,19 +162,41 @@ class Trainer:
             from lmfleet.compress.distill import teacher_identity
 
             self.teacher_id = teacher_identity(config.distill.teacher)
-        self.loader = TokenLoader(self.corpus, config.data.seq_len, config.batch.micro_batch,
-                                  config.batch.grad_accum, self.strategy.dp_rank, self.strategy.dp_size,
-                                  config.train.seed)
+        self.loader = self.make_loader()
         self.autocast_dtype = torch.bfloat16 if config.train.precision == "bf16" else None
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=info.is_main)
         self.tokens_per_step = config.global_batch(self.dims.dp) * config.data.seq_len
-        self.flops_per_token = self.model_config.flops_per_token(config.data.seq_len)
+        self.flops_per_token = self.model_flops_per_token()
         self.peak = peak_flops(info.device, self.autocast_dtype or self.param_dtype, config.train.peak_flops)
         self.step = 0
         self.comm_total = 0
         self.comm_calls_total = 0
         self.stop_agreed = False
         self.previous_last_step: int | None = None  # the last step a resumed run's metrics had logged
+
+    # ---- what the model and its data are (a language model here; lmfleet.recsys.train overrides) --
+    def setup_data(self) -> None:
+        """Open the data and derive the model's configuration from it (`self.model_config`)."""
+        self.corpus = Corpus(self.config.data.dir)
+        self.model_config = build_model_config(self.config, self.corpus)
+        check_parallel(self.model_config, self.dims)
+        check_micro_batches(self.dims, self.config.batch.grad_accum, self.config.parallel.pp_schedule)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.model_config, seed=self.config.train.seed, device=self.info.device,
+                           dtype=self.param_dtype)
+
+    def make_loader(self) -> Any:
+        """The training batches: `batch(step, micro)` -> (inputs, targets), `step`, state_dict."""
+        cfg = self.config
+        return TokenLoader(self.corpus, cfg.data.seq_len, cfg.batch.micro_batch, cfg.batch.grad_accum,
+                           self.strategy.dp_rank, self.strategy.dp_size, cfg.train.seed)
+
+    def model_flops_per_token(self) -> float:
+        return self.model_config.flops_per_token(self.config.data.seq_len)
+
+    def data_identity(self) -> dict[str, Any]:
+        return self.corpus.identity()
 
     def _teacher(self) -> torch.nn.Module:
         """The frozen teacher of a distillation run, replicated or sharded as the strategy keeps models."""
@@ -218,7 +236,7 @@ class Trainer:
                 "model_config": self.model_config.to_dict(), "seq_len": self.config.data.seq_len,
                 "global_batch": self.config.global_batch(self.dims.dp),
                 "tokens": self.step * self.tokens_per_step, "comm_bytes_total": self.comm_total,
-                "corpus": self.corpus.identity(), **({"teacher": self.teacher_id, "distill": {"temperature": self.config.distill.temperature,
+                "corpus": self.data_identity(), **({"teacher": self.teacher_id, "distill": {"temperature": self.config.distill.temperature,
                                                              "alpha": self.config.distill.alpha}}
                    if self.teacher_id else {})}
 
@@ -374,7 +392,8 @@ def _barrier() -> None:
 
 
 def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Path | None = None,
-                 show_progress: bool = True, checkpoint_on_sigterm: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, checkpoint_on_sigterm: bool = True,
+                 trainer_class: type[Trainer] = Trainer) -> dict[str, Any]:
     """Train in this process as one rank of the group torchrun set up (or alone), from checkpoint
     `resume_from` (the launcher's pick) or, after a restart, from the newest complete one. With
     `checkpoint_on_sigterm`, SIGTERM ends the run after the current step with a checkpoint."""
@@ -383,7 +402,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
         stop.install()
     info = init_distributed()
     try:
-        trainer = Trainer(config, run_dir, info, stop)
+        trainer = trainer_class(config, run_dir, info, stop)
         attempt = restart_count()
         if info.is_main:
             ckpt.remove_stale(run_dir)  # no save runs before this attempt's first barrier

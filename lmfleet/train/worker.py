@@ -11,10 +11,10 @@ from pathlib import Path
 from lmfleet.errors import LmfleetError
 from lmfleet.train.config import TrainConfig
 from lmfleet.train.launch import RUN_CONFIG
-from lmfleet.train.trainer import run_training
+from lmfleet.train.trainer import Trainer, run_training
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, trainer_class: type[Trainer] = Trainer) -> int:
     """Train; returns the exit status (0, or 1 after a one-line error)."""
     parser = argparse.ArgumentParser(prog="lmfleet.train.worker")
     parser.add_argument("run_dir", type=Path)
@@ -25,18 +25,21 @@ def main(argv: list[str] | None = None) -> int:
     config.validate()
     try:
         run_training(config, args.run_dir, resume_from=args.resume_from,
-                     checkpoint_on_sigterm=args.checkpoint_on_sigterm)
+                     checkpoint_on_sigterm=args.checkpoint_on_sigterm, trainer_class=trainer_class)
     except LmfleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-if __name__ == "__main__":
-    status = main()
+def exit_after(status: int) -> None:
     # The run is done (checkpoint, export and process group all closed): leave without the C++
     # static destructors, where a gloo worker sometimes aborts ("terminate called without an
     # active exception") and so turns a finished run into a failed one.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+if __name__ == "__main__":
+    exit_after(main())

@@ -1,0 +1,144 @@
+"""Where `lmfleet recsys serve` keeps the interactions posted to /v1/events.
+
+A user's history is the dataset's sequence (read-only, loaded by every replica) followed by the
+events posted since, of which the newest `max_events` are kept. `MemoryHistoryStore` holds the
+events in the process; `RedisHistoryStore` keeps them in Redis lists, so that every replica
+reads what any of them wrote. An event is acknowledged only once the store has it; a store that
+cannot be reached raises `StoreUnavailable` (the server answers 503 and the client retries).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import urlparse
+
+from lmfleet.errors import ConfigError, LmfleetError
+
+
+class StoreUnavailable(LmfleetError):
+    """The history store cannot be reached or refused the operation."""
+
+
+class StoreFull(LmfleetError):
+    """The in-memory store holds events for its maximum number of users."""
+
+
+class HistoryStore:
+    """Events per user id: the original item ids, oldest first (so they outlive a retrained model)."""
+
+    max_events: int
+
+    def append(self, user: str, items: list[str]) -> int:
+        """Append `items` to `user`'s events atomically; the number of events now kept."""
+        raise NotImplementedError
+
+    def events(self, users: list[str]) -> list[list[str]]:
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot answer."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryHistoryStore(HistoryStore):
+    """Events in this process, lost when it stops; at most `max_users` users hold events."""
+
+    def __init__(self, max_events: int, max_users: int = 1_000_000):
+        self.max_events, self.max_users = max_events, max_users
+        self._events: OrderedDict[str, list[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def append(self, user: str, items: list[str]) -> int:
+        with self._lock:
+            kept = self._events.get(user)
+            if kept is None:
+                if len(self._events) >= self.max_users:
+                    raise StoreFull(f"the in-memory history store holds events for its maximum of {self.max_users:,} "
+                                    "users; use --history-store redis://... for more")
+                kept = self._events[user] = []
+            kept.extend(items)
+            del kept[:-self.max_events]
+            return len(kept)
+
+    def events(self, users: list[str]) -> list[list[str]]:
+        with self._lock:
+            return [list(self._events.get(u, ())) for u in users]
+
+    def describe(self) -> str:
+        return f"memory (up to {self.max_events} events per user, {self.max_users:,} users)"
+
+
+class RedisHistoryStore(HistoryStore):
+    """Events in Redis lists `<prefix>:events:<user>`: RPUSH then LTRIM in one MULTI/EXEC, LRANGE to read."""
+
+    def __init__(self, url: str, max_events: int, prefix: str, timeout_s: float = 1.0):
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError("--history-store redis://...: the redis client is not installed "
+                              "(pip install 'lmfleet[redis]')") from None
+        parsed = urlparse(url)
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+            raise ConfigError(f"--history-store {url!r}: give redis://HOST:PORT/DB (or rediss:// for TLS)")
+        self.url, self.max_events, self.prefix = url, max_events, prefix
+        self._redis = redis
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry_on_timeout=False)
+
+    def _key(self, user: str) -> str:
+        return f"{self.prefix}:events:{user}"
+
+    def _call(self, what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except self._redis.RedisError as exc:
+            raise StoreUnavailable(f"the history store {self._safe_url()} is unavailable ({what}: "
+                                   f"{type(exc).__name__}: {exc})") from None
+
+    def _safe_url(self) -> str:
+        parsed = urlparse(self.url)
+        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 6379}{parsed.path or ''}"
+
+    def append(self, user: str, items: list[str]) -> int:
+        def run() -> int:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(self._key(user), *items)
+            pipe.ltrim(self._key(user), -self.max_events, -1)
+            pipe.llen(self._key(user))
+            return int(pipe.execute()[-1])
+
+        return self._call("append", run)
+
+    def events(self, users: list[str]) -> list[list[str]]:
+        def run() -> list[list[str]]:
+            pipe = self.client.pipeline(transaction=False)
+            for user in users:
+                pipe.lrange(self._key(user), -self.max_events, -1)
+            return [[v.decode("utf-8", "replace") for v in values] for values in pipe.execute()]
+
+        return self._call("read", run)
+
+    def ping(self) -> None:
+        self._call("ping", self.client.ping)
+
+    def describe(self) -> str:
+        return f"redis {self._safe_url()} (up to {self.max_events} events per user, keys {self.prefix}:events:*)"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_store(url: str | None, max_events: int, prefix: str, max_users: int = 1_000_000) -> HistoryStore:
+    """None or 'memory': this process; redis://HOST:PORT/DB: shared by every replica."""
+    if url is None or url == "memory":
+        return MemoryHistoryStore(max_events, max_users)
+    if url.startswith(("redis://", "rediss://")):
+        return RedisHistoryStore(url, max_events, prefix)
+    raise ConfigError(f"--history-store {url!r}: give 'memory' or redis://HOST:PORT/DB")
