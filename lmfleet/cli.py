@@ -634,6 +634,18 @@ def recsys_serve(
     = False,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (with --ssl-certfile: HTTPS).")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain.")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Run N replicas on Ray Serve behind one endpoint (more "
+                                                   "than one needs --history-store redis://...).")] = None,
+    autoscale: Annotated[str | None, typer.Option(help="MIN:MAX replicas on Ray Serve, scaled on ongoing "
+                                                     "requests.")] = None,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica.")] = 32.0,
+    upscale_delay: Annotated[float, typer.Option(help="Seconds of load before scaling up.")] = 3.0,
+    downscale_delay: Annotated[float, typer.Option(help="Seconds of low load before scaling down.")] = 30.0,
+    cpus_per_replica: Annotated[float, typer.Option(help="Ray CPUs per replica (also its torch threads).")] = 1.0,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local "
+                                                       "one).")] = None,
+    request_timeout: Annotated[float, typer.Option(help="On Ray Serve: seconds a request may take before "
+                                                   "504.")] = 30.0,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get on SIGTERM.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -653,6 +665,26 @@ def recsys_serve(
     settings = RecsysSettings(name, keys, max_batch, max_wait_ms, max_queued, max_k, max_events, max_users, cold_start,
                               history_store, store_prefix, parse_size(max_body_bytes, "--max-body-bytes"), rate_limit,
                               rate_burst, protect_metrics, threads).check()
+    if data is not None:
+        from lmfleet.recsys.data import RecData
+
+        RecData(data)  # a bad dataset is an error now, not once Ray has started
+    if replicas is not None or autoscale is not None:
+        if ssl_keyfile is not None or ssl_certfile is not None:
+            raise ConfigError("TLS is a single-server option; on Ray Serve terminate TLS at a proxy")
+        from lmfleet.cluster.deploy import ClusterConfig, parse_autoscale
+        from lmfleet.recsys.cluster import APP_NAME, deploy_recsys
+        from lmfleet.recsys.model import load_sasrec
+
+        load_sasrec(model_dir)  # a bad model directory is an error now
+        config = ClusterConfig(replicas, parse_autoscale(autoscale) if autoscale is not None else None,
+                               target_ongoing_requests, upscale_delay, downscale_delay, cpus_per_replica, 0.0, host,
+                               port, "pow2", request_timeout_s=request_timeout,
+                               graceful_shutdown_timeout_s=shutdown_timeout, ray_address=ray_address,
+                               app_name=APP_NAME)
+        _run_cluster(lambda: deploy_recsys(str(model_dir), None if data is None else str(data), settings, config),
+                     name, config, shutdown_timeout, "/v1/recommendations")
+        return
     scheme = "https" if ssl_certfile else "http"
     console.print(f"serving [bold]{name}[/] at {scheme}://{host}:{port}/v1/recommendations "
                   f"({'API key required' if keys else 'no API key'})")
@@ -796,12 +828,19 @@ def serve(
 
 def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, config: object,
                    shutdown_timeout: float) -> None:
-    """Deploy on Ray Serve, then wait for SIGTERM/SIGINT, let in-flight requests finish and take
-    everything down."""
+    from lmfleet.cluster.deploy import deploy
+
+    _run_cluster(lambda: deploy(str(model_dir), settings, engine_kwargs, config), settings.model_name, config,
+                 shutdown_timeout, "/v1")
+
+
+def _run_cluster(deploy_app: object, name: str, config: object, shutdown_timeout: float, path: str) -> None:
+    """Deploy on Ray Serve (`deploy_app()` returns warnings), then wait for SIGTERM/SIGINT, let
+    in-flight requests finish and take everything down."""
     import signal
     import threading
 
-    from lmfleet.cluster.deploy import AppAlreadyRunning, deploy, disconnect, drain, shutdown
+    from lmfleet.cluster.deploy import AppAlreadyRunning, disconnect, drain, shutdown
 
     stop = threading.Event()
 
@@ -813,7 +852,7 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, confi
     owned = True  # take the application down at the end (not someone else's that was already there)
     try:
         try:
-            warnings = deploy(str(model_dir), settings, engine_kwargs, config)
+            warnings = deploy_app()
         except AppAlreadyRunning:
             owned = False
             raise
@@ -822,17 +861,17 @@ def _serve_cluster(model_dir: Path, settings: object, engine_kwargs: dict, confi
             console.print(f"[yellow]warning:[/] {warning}")
         shape = f"{config.replicas} replicas" if config.replicas else \
             f"{config.autoscale[0]}-{config.autoscale[1]} replicas (autoscaling)"
-        console.print(f"serving [bold]{settings.model_name}[/] on Ray Serve, {shape}, at "
-                      f"http://{config.host}:{config.port}/v1 "
+        console.print(f"serving [bold]{name}[/] on Ray Serve, {shape}, at "
+                      f"http://{config.host}:{config.port}{path} "
                       "(Ctrl-C or SIGTERM stops it)")
         stop.wait()
         console.print(f"stopping: in-flight requests get up to {shutdown_timeout:g} s to finish")
-        cut = drain(shutdown_timeout)
+        cut = drain(shutdown_timeout, config.app_name)
         if cut:
             console.print(f"[yellow]warning:[/] {cut} request(s) still running after {shutdown_timeout:g} s were cut")
     finally:
         if owned:
-            shutdown()
+            shutdown(config.app_name)
         else:
             disconnect()
 

@@ -659,3 +659,89 @@ def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stop
         for proc in (a, b):
             _stop(proc)
         redis_server.stop()
+
+
+@pytest.mark.integration
+def test_ray_replicas_answer_through_one_endpoint_with_shared_histories(trained, tmp_path) -> None:
+    """`lmfleet recsys serve --replicas 2 --history-store redis://...`: one endpoint; an event
+    posted through it changes the next answer whichever replica gives it (both answer); with Redis
+    stopped, 503 and nothing acknowledged is lost once it is back; SIGTERM leaves no process."""
+    import psutil
+
+    data_dir, run = trained
+    model, item_ids, data = _offline(trained)
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    lmfleet = str(Path(sys.executable).with_name("lmfleet"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                lmfleet,
+                "recsys",
+                "serve",
+                str(run / "final"),
+                "--data",
+                str(data_dir),
+                "--port",
+                str(port),
+                "--replicas",
+                "2",
+                "--cpus-per-replica",
+                "1",
+                "--api-key",
+                KEY,
+                "--history-store",
+                redis_server.url,
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        user = data.user_ids[11]
+        item = item_ids[0] if 1 not in data.sequence(11) else item_ids[1]
+        assert _post_events(url, {"user_id": user, "item_id": item}).status_code == 200
+        history = data.sequence(11).tolist() + [item_ids.index(item) + 1]
+        expected = [item_ids[i - 1] for i in model.recommend(history, k=5)[0]]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _recommend(url, {"user_id": user, "k": 5}).json(), range(40)))
+        assert all([d["item_id"] for d in a["data"]] == expected for a in answers), answers[0]
+        time.sleep(2.5)  # replicas push their metrics every half second
+        served = {}
+        for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
+            if line.startswith("lmfleet_recsys:requests_total{") and 'endpoint="recommendations"' in line:
+                replica = line.split('replica="', 1)[1].split('"', 1)[0]
+                served[replica] = served.get(replica, 0) + float(line.rsplit(" ", 1)[1])
+        assert len(served) == 2 and all(v > 0 for v in served.values()), served  # both replicas answered
+        assert _recommend(url, {"user_id": user}, key="wrong-key-123").status_code == 401  # keys at the ingress
+        redis_server.stop()
+        down = _post_events(url, {"user_id": user, "item_id": item_ids[2]})
+        assert down.status_code == 503 and down.json()["error"]["code"] == "history_store_unavailable", down.text
+        redis_server.start()
+        again = _recommend(url, {"user_id": user, "k": 5}).json()
+        assert [d["item_id"] for d in again["data"]] == expected and again["history_length"] == len(history)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        redis_server.stop()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"

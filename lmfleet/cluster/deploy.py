@@ -94,21 +94,9 @@ def llm_options(config: ClusterConfig, max_num_seqs: int, max_queued_requests: i
     if max_queued_requests < 1:
         raise ConfigError(f"--max-queued-requests {max_queued_requests}: on Ray Serve it must be >= 1 "
                           "(requests wait at the ingress until a replica has room)")
-    options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
-        "max_ongoing_requests": max_num_seqs, "max_queued_requests": max_queued_requests,
-        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s}
     router = routing.PrefixAffinityRouter if config.router == "prefix" else routing.AvoidingPowerOfTwoRouter
     kwargs = {"imbalance_threshold": config.imbalance_threshold} if config.router == "prefix" else {}
-    options["request_router_config"] = RequestRouterConfig(request_router_class=router, request_router_kwargs=kwargs)
-    if config.autoscale is not None:
-        options["autoscaling_config"] = {
-            "min_replicas": config.autoscale[0], "max_replicas": config.autoscale[1],
-            "initial_replicas": max(1, config.autoscale[0]), "target_ongoing_requests": config.target_ongoing_requests,
-            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
-    else:
-        options["num_replicas"] = config.replicas
-    return options
+    return replica_options(config, max_num_seqs, max_queued_requests, router, kwargs)
 
 
 def ingress_options(config: ClusterConfig, max_num_seqs: int, max_queued_requests: int) -> dict[str, Any]:
@@ -139,6 +127,22 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         config = replace(config, cpus_per_replica=config.cpus_per_replica * tp,
                          gpus_per_replica=config.gpus_per_replica * tp)
     llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
+    warnings = start_cluster(config)
+    # Ray keeps deployment arguments where anyone on the cluster can read them: keys go as digests.
+    digests = KeyChecker(settings.api_keys).digests()
+    shared = asdict(replace(settings, api_keys=[]))
+    # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
+    replica_settings = shared | {"rate_limit": None, "rate_burst": None}
+    replicas = LLMReplica.options(**llm).bind(str(model_dir), engine_kwargs, replica_settings, digests,
+                                              max(1, int(config.cpus_per_replica)))
+    run_behind_ingress(replicas, config, settings, max_num_seqs)
+    return warnings
+
+
+def start_cluster(config: ClusterConfig) -> list[str]:
+    """Connect to (or start) Ray, refuse an application name already served and replicas the
+    cluster cannot place, start the metrics store and Serve's HTTP proxy on host:port; returns
+    warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
     connect(config.ray_address)
     existing = serve.status().applications.get(config.app_name)  # empty when Serve is not running
     if existing is not None:
@@ -156,16 +160,18 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
                             "(`lmfleet status` shows replicas pending)")
     start_store()
     serve.start(http_options={"host": config.host, "port": config.port})
-    # Ray keeps deployment arguments where anyone on the cluster can read them: keys go as digests.
+    return warnings
+
+
+def run_behind_ingress(replicas: Any, config: ClusterConfig, settings: ServeSettings, per_replica: int,
+                       deployment: str = "LLMReplica") -> None:
+    """Deploy `replicas` (a bound deployment) behind the one ingress (keys, body limit, rate,
+    retries, cluster /metrics and /health) as the application `config.app_name`."""
     digests = KeyChecker(settings.api_keys).digests()
     shared = asdict(replace(settings, api_keys=[]))
-    # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
-    replica_settings = shared | {"rate_limit": None, "rate_burst": None}
-    replicas = LLMReplica.options(**llm).bind(str(model_dir), engine_kwargs, replica_settings, digests,
-                                              max(1, int(config.cpus_per_replica)))
     ingress = IngressConfig(config.max_attempts, config.request_timeout_s, config.min_replicas,
-                            app_name=config.app_name)
-    app = Ingress.options(**ingress_options(config, max_num_seqs, settings.max_queued_requests)).bind(
+                            app_name=config.app_name, deployment=deployment)
+    app = Ingress.options(**ingress_options(config, per_replica, settings.max_queued_requests)).bind(
         replicas, shared, digests, asdict(ingress))
     try:
         serve.run(app, name=config.app_name, route_prefix="/")
@@ -174,7 +180,26 @@ def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any
         last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
         raise ConfigError(f"the deployment failed: {lines[0] if lines else exc!r}"
                           + (f" ... {last}" if last and len(lines) > 1 else "")) from None
-    return warnings
+
+
+def replica_options(config: ClusterConfig, max_ongoing: int, max_queued: int, router: type,
+                    router_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A replica deployment's options: resources, concurrency, queue, request router, graceful
+    shutdown, and its replica count or autoscaling."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
+        "request_router_config": RequestRouterConfig(request_router_class=router,
+                                                     request_router_kwargs=router_kwargs or {})}
+    if config.autoscale is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": config.autoscale[0], "max_replicas": config.autoscale[1],
+            "initial_replicas": max(1, config.autoscale[0]), "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
+    else:
+        options["num_replicas"] = config.replicas
+    return options
 
 
 def drain(timeout_s: float, app_name: str = APP_NAME) -> int:

@@ -164,8 +164,8 @@ class MicroBatcher:
         if settings.threads is not None:
             self.pool.submit(torch.set_num_threads, settings.threads).result()
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.task = (loop or asyncio.get_running_loop()).create_task(self._run())
 
     async def stop(self) -> None:
         if self.task is not None:

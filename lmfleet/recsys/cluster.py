@@ -1,0 +1,98 @@
+"""`lmfleet recsys serve --replicas N | --autoscale MIN:MAX`: recommender replicas on Ray Serve behind
+the same ingress as the language models (keys, body limit, rate, retries on another replica,
+cluster-wide /metrics and /health), all reading and writing one Redis history store.
+
+    Ray Serve HTTP proxy ─► Ingress ─► RecsysReplica × N (each: the model, its batcher and the
+                                        FastAPI app of `lmfleet recsys serve`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
+from typing import Any
+
+import ray
+from ray import serve
+
+from lmfleet.cluster import router as routing
+from lmfleet.cluster.asgi import asgi_call
+from lmfleet.cluster.deploy import ClusterConfig, replica_options, run_behind_ingress, start_cluster
+from lmfleet.cluster.metrics_store import PUSH_S, store_handle
+from lmfleet.errors import ConfigError
+from lmfleet.recsys.serve import RecsysSettings
+from lmfleet.serve.auth import KeyChecker
+from lmfleet.serve.frontend import ServeSettings
+
+APP_NAME = "lmfleet-recsys"
+DEPLOYMENT = "RecsysReplica"
+
+
+@serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
+class RecsysReplica:
+    def __init__(self, model_dir: str, data_dir: str | None, settings: dict[str, Any], key_digests: list[str]):
+
+        from lmfleet.recsys.serve import MicroBatcher, Recommender, RecsysSettings, build_recsys_app
+
+        settings = RecsysSettings(**settings)
+        recommender = Recommender(model_dir, data_dir)
+        self.app = build_recsys_app(recommender, settings)
+        self.server = self.app.state.server
+        # Ray holds only the keys' digests (its state is visible to anyone on the cluster).
+        self.server.checker = KeyChecker.from_digests(key_digests)
+        self.server.batcher = MicroBatcher(recommender, self.server.settings, self.server.metrics)
+        self.server.batcher.start(asyncio.get_event_loop())
+        self.replica = serve.get_replica_context().replica_tag
+        self.where = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        self._store = None
+        self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                if self._store is None:
+                    self._store = store_handle()
+                if self._store is not None:
+                    await self._store.put.remote(self.replica, self.server.metrics.render().decode(), self.where)
+            except Exception:  # noqa: BLE001 - metrics must never take a replica down
+                self._store = None
+            await asyncio.sleep(PUSH_S)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                     routing_key: str | None = None, avoid: str | None = None) -> AsyncIterator[Any]:
+        """One forwarded HTTP request (see `asgi_call`); the first item also names this replica."""
+        first = True
+        async for item in asgi_call(self.app, method, path, query, headers, body):
+            if first:
+                item, first = (*item, self.replica), False
+            yield item
+
+    def check_health(self) -> None:
+        """Ray Serve replaces a replica whose batcher stopped (an unreachable Redis is not the
+        replica's fault: its requests get 503 and it stays)."""
+        task = self.server.batcher.task
+        if task is None or task.done():
+            raise RuntimeError("the scoring loop is not running")
+
+
+def deploy_recsys(model_dir: str, data_dir: str | None, settings: RecsysSettings, config: ClusterConfig) -> list[str]:
+    """Deploy the recommender's replicas behind the ingress; returns warnings."""
+    if config.max_replicas > 1 and not (settings.history_store or "").startswith(("redis://", "rediss://")):
+        raise ConfigError("--replicas/--autoscale with more than one replica need --history-store redis://HOST:PORT/DB "
+                          "(every replica must see the events any of them took)")
+    warnings = start_cluster(config)
+    digests = KeyChecker(settings.api_keys).digests()
+    # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
+    replica_settings = asdict(replace(settings, api_keys=[], rate_limit=None, rate_burst=None,
+                                      threads=settings.threads or max(1, int(config.cpus_per_replica))))
+    per_replica = 2 * settings.max_batch  # a full batch scoring while the next one gathers
+    options = replica_options(config, per_replica, settings.max_queued, routing.AvoidingPowerOfTwoRouter)
+    replicas = RecsysReplica.options(**options).bind(str(model_dir), None if data_dir is None else str(data_dir),
+                                                     replica_settings, digests)
+    ingress_settings = ServeSettings(settings.model_name, settings.api_keys, settings.max_queued,
+                                     settings.max_body_bytes, settings.rate_limit, settings.rate_burst,
+                                     settings.protect_metrics)
+    run_behind_ingress(replicas, config, ingress_settings, per_replica, deployment=DEPLOYMENT)
+    return warnings
