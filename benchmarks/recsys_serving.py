@@ -14,7 +14,7 @@ the dataset). The batched server (--max-batch, --max-wait-ms) and the batch-1 se
 (--max-batch 1) take turns --rounds times; each keeps its best.
 
     python benchmarks/recsys_serving.py --model runs/ml100k/final --data runs/ml100k/data
-    python benchmarks/recsys_serving.py --synthetic 20000,100000     # a random-init 100k-item model
+    python benchmarks/recsys_serving.py --synthetic 60000,100000     # a random-init ~100k-item model
 
 prints one JSON line per measurement and a summary table (ratios against batch 1).
 """

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
+from urllib.parse import urlparse
 
 import ray
 from ray import serve
@@ -28,6 +29,7 @@ from lmfleet.serve.frontend import ServeSettings
 
 APP_NAME = "lmfleet-recsys"
 DEPLOYMENT = "RecsysReplica"
+WEDGED_AFTER_S = 60.0
 
 
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
@@ -70,18 +72,26 @@ class RecsysReplica:
             yield item
 
     def check_health(self) -> None:
-        """Ray Serve replaces a replica whose batcher stopped (an unreachable Redis is not the
-        replica's fault: its requests get 503 and it stays)."""
-        task = self.server.batcher.task
-        if task is None or task.done():
-            raise RuntimeError("the scoring loop is not running")
+        """Ray Serve replaces a replica whose scoring loop stopped, or holds requests and has
+        finished no batch for WEDGED_AFTER_S (an unreachable Redis is not the replica's fault: its
+        requests get 503 and it stays)."""
+        batcher = self.server.batcher
+        if not batcher.alive:
+            raise RuntimeError(f"the scoring loop is not running: {batcher.failed!r}")
+        if batcher.stalled_for() > WEDGED_AFTER_S:
+            raise RuntimeError(f"the scoring loop is wedged: no batch for {batcher.stalled_for():.0f} s")
 
 
 def deploy_recsys(model_dir: str, data_dir: str | None, settings: RecsysSettings, config: ClusterConfig) -> list[str]:
     """Deploy the recommender's replicas behind the ingress; returns warnings."""
-    if config.max_replicas > 1 and not (settings.history_store or "").startswith(("redis://", "rediss://")):
-        raise ConfigError("--replicas/--autoscale with more than one replica need --history-store redis://HOST:PORT/DB "
-                          "(every replica must see the events any of them took)")
+    if ((config.max_replicas > 1 or config.min_replicas == 0)
+            and not (settings.history_store or "").startswith(("redis://", "rediss://"))):
+        raise ConfigError("--replicas/--autoscale with more than one replica (or scaling to zero) need --history-store "
+                          "redis://HOST:PORT/DB: every replica must see the events any of them took, and events "
+                          "must outlive a replica")
+    if urlparse(settings.history_store or "").password:
+        raise ConfigError("--history-store: on Ray Serve, put the Redis password in LMFLEET_REDIS_PASSWORD on every "
+                          "node, not in the URL (deployment arguments are readable by anyone on the cluster)")
     warnings = start_cluster(config)
     digests = KeyChecker(settings.api_keys).digests()
     # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.

@@ -135,7 +135,8 @@ def _read_rows(path: Path, fmt: str) -> Interactions:
 def synthetic_interactions(num_users: int, num_items: int, seed: int = 0, min_len: int = 5, max_len: int = 40,
                            follow: float = 0.8, skew: float = 1.1) -> Interactions:
     """Logs where item i is followed by item i+1 with probability `follow` (the planted rule),
-    otherwise by an item drawn with Zipf-like popularity (exponent `skew`)."""
+    otherwise by an item drawn with Zipf-like popularity (exponent `skew`); each user starts at a
+    uniformly drawn item, so that a large catalog occurs in full."""
     if num_users < 1 or not 2 <= num_items <= MAX_ITEMS:
         raise ConfigError(f"--synthetic {num_users},{num_items}: needs at least 1 user and 2 to {MAX_ITEMS:,} items")
     if seed < 0:
@@ -151,7 +152,7 @@ def synthetic_interactions(num_users: int, num_items: int, seed: int = 0, min_le
         n = int(rng.integers(min_len, max_len + 1))
         drawn = rng.choice(num_items, size=n, p=popularity)
         follows = rng.random(n) < follow
-        seq = [int(drawn[0])]
+        seq = [int(rng.integers(num_items))]  # a uniform start: the whole catalog occurs
         for t in range(1, n):
             seq.append((seq[-1] + 1) % num_items if follows[t] else int(drawn[t]))
         users += [f"u{u}"] * n

@@ -36,12 +36,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lmfleet import __version__
 from lmfleet.errors import ConfigError, DataError
 from lmfleet.recsys.model import load_sasrec, top_k_rows
-from lmfleet.recsys.store import HistoryStore, StoreFull, StoreUnavailable, open_store
+from lmfleet.recsys.store import HistoryStore, StoreError, StoreTimeout, StoreUnavailable, open_store
 from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, check_access, error_body
 from lmfleet.serve.http_rules import BodyLimit, install_error_handlers
@@ -49,7 +49,10 @@ from lmfleet.serve.http_rules import BodyLimit, install_error_handlers
 MAX_USER_ID = 128  # characters
 MAX_REQUEST_HISTORY = 10_000  # items a request may send
 MAX_EVENTS_PER_REQUEST = 1000
+STORE_THREADS = 8  # concurrent history-store operations per server
+SCORE_BUDGET = 1 << 28  # max_batch x (catalog + 1) scores of one batch (1 GiB of float32)
 COLD_START = ("popularity", "error")
+MAX_K = 100_000
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.075, 0.1,
                    0.25, 0.5, 1.0, 2.5)
 
@@ -61,7 +64,7 @@ class RecsysSettings:
     max_batch: int = 64  # requests scored together
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for others
     max_queued: int = 2048  # requests waiting for a batch before 429
-    max_k: int = 1000
+    max_k: int = 1000  # at most MAX_K
     max_events: int = 200  # events kept per user
     max_users: int = 1_000_000  # users with events in the in-memory store
     cold_start: str = "popularity"
@@ -74,7 +77,7 @@ class RecsysSettings:
     threads: int | None = None  # torch threads of the scoring thread
 
     def check(self) -> RecsysSettings:
-        bounds = {"max_batch": (1, 4096), "max_queued": (1, 1_000_000), "max_k": (1, 100_000),
+        bounds = {"max_batch": (1, 4096), "max_queued": (1, 1_000_000), "max_k": (1, MAX_K),
                   "max_events": (1, 100_000), "max_users": (1, 100_000_000)}
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
@@ -102,8 +105,9 @@ class Recommender:
             counts = torch.zeros(self.num_items + 1)
         # The popularity answer: most training interactions first, ties by lower id.
         order = np.lexsort((np.arange(self.num_items + 1), -counts.double().numpy()))
-        self.popular = [int(i) for i in order if i != 0]
-        self.popular_counts = counts.double()
+        order = order[order != 0][:MAX_K]
+        self.popular = order.tolist()  # the MAX_K most popular: what any k can ask for
+        self.popular_scores = counts.double()[torch.from_numpy(order)].tolist()
         self.user_index: dict[str, int] = {}
         self.data = None
         if data_dir is not None:
@@ -143,10 +147,8 @@ class Recommender:
         """What `model.recommend` gives for each history: one padded forward, one matmul, top-k per row."""
         return top_k_rows(self.model.score_last(histories), ks, excludes)
 
-    def popularity(self, k: int, exclude: list[int]) -> tuple[list[int], list[float]]:
-        seen = set(exclude)
-        items = [i for i in self.popular if i not in seen][:k]
-        return items, [float(self.popular_counts[i]) for i in items]
+    def popularity(self, k: int) -> tuple[list[int], list[float]]:
+        return self.popular[:k], self.popular_scores[:k]
 
 
 # ---- dynamic micro-batching ------------------------------------------------------------------------
@@ -161,11 +163,31 @@ class MicroBatcher:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmfleet-recsys")
         self.task: asyncio.Task | None = None
         self.failed: BaseException | None = None
+        self.last_progress = time.monotonic()
         if settings.threads is not None:
             self.pool.submit(torch.set_num_threads, settings.threads).result()
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.task = (loop or asyncio.get_running_loop()).create_task(self._run())
+        self.task.add_done_callback(self._ended)
+        self.last_progress = time.monotonic()
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop stopped (cancelled at shutdown, or a bug): every waiting request gets 503 now,
+        not a hang, and so does every later one."""
+        self.failed = RuntimeError("stopped") if task.cancelled() else (task.exception() or RuntimeError("ended"))
+        while self.pending:
+            future = self.pending.popleft()[3]
+            if not future.done():
+                future.set_exception(APIError(503, f"the scoring loop stopped: {self.failed!r}", code="engine_dead"))
+
+    @property
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def stalled_for(self) -> float:
+        """Seconds without a finished batch while requests wait (0 when idle)."""
+        return time.monotonic() - self.last_progress if self.pending else 0.0
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -203,7 +225,7 @@ class MicroBatcher:
                 self.wakeup.clear()
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), left)
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # not the same class before Python 3.11
                     break
             batch = [self.pending.popleft() for _ in range(min(self.settings.max_batch, len(self.pending)))]
             batch = [b for b in batch if not b[3].done()]  # the client left while it waited
@@ -220,10 +242,12 @@ class MicroBatcher:
                 for b in batch:
                     if not b[3].done():
                         b[3].set_exception(APIError(500, f"scoring failed: {type(exc).__name__}", "server_error"))
+                self.last_progress = time.monotonic()
                 continue
             for b, result in zip(batch, results):
                 if not b[3].done():
                     b[3].set_result(result)
+            self.last_progress = time.monotonic()
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -265,21 +289,52 @@ class RecsysMetrics:
 
 
 # ---- the HTTP API ----------------------------------------------------------------------------------
+ENDPOINTS = {"/v1/recommendations": "recommendations", "/v1/events": "events"}
+
+
+class _Observe:
+    """ASGI middleware: latency and status of every request to an API endpoint (a plain ASGI
+    wrapper: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: Any, metrics: RecsysMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def observed_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            m = self.metrics
+            m.latency.labels(m.model_name, endpoint).observe(time.perf_counter() - start)
+            m.requests.labels(m.model_name, endpoint, str(status)).inc()
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class RecommendationRequest(_Body):
-    user_id: str | int | None = Field(default=None, description="A user of the dataset or one that posted events.")
+    user_id: StrictStr | StrictInt | None = Field(default=None, description="A user of the dataset or one that "
+                                                  "posted events.")
     history: list[Any] | None = Field(default=None, description="Item ids, oldest first (instead of user_id).")
-    k: int = Field(default=10, description="How many items to return.")
+    k: StrictInt = Field(default=10, description="How many items to return.")
     exclude_seen: bool = True
     model: str | None = None
 
 
 class EventRequest(_Body):
-    user_id: str | int
-    item_id: str | int | None = None
+    user_id: StrictStr | StrictInt
+    item_id: StrictStr | StrictInt | None = None
     items: list[Any] | None = None
 
 
@@ -288,6 +343,10 @@ class RecsysServer:
 
     def __init__(self, recommender: Recommender, settings: RecsysSettings, store: HistoryStore | None = None):
         self.recommender, self.settings = recommender, settings.check()
+        if settings.max_batch * (recommender.num_items + 1) > SCORE_BUDGET:
+            raise ConfigError(f"--max-batch {settings.max_batch} x {recommender.num_items + 1:,} items is over "
+                              f"{SCORE_BUDGET:,} scores per batch; lower --max-batch to at most "
+                              f"{max(1, SCORE_BUDGET // (recommender.num_items + 1))}")
         self.store = store or open_store(settings.history_store, settings.max_events, settings.store_prefix,
                                          settings.max_users)
         self.metrics = RecsysMetrics(settings.model_name, settings.max_batch)
@@ -296,6 +355,8 @@ class RecsysServer:
         self.checker = KeyChecker(settings.api_keys)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
         self.draining = False
+        self.store_pool = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="lmfleet-store")
+        self.store_waiting = 0
 
     def user_id(self, value: str | int | None, field_name: str = "user_id") -> str:
         user = str(value)
@@ -303,15 +364,35 @@ class RecsysServer:
             raise APIError(400, f"{field_name} must be 1 to {MAX_USER_ID} printable characters", param=field_name)
         return user
 
-    def store_call(self, fn: Any, *args: Any) -> Any:
+    async def call_store(self, fn: Any, *args: Any) -> Any:
+        """A store operation: on the store's own threads when it does I/O (Redis), inline in memory;
+        with STORE_THREADS * 4 already waiting on a slow store, 503 at once rather than a backlog."""
+        if not self.store.blocking:
+            return self._store_call(fn, *args)
+        if self.store_waiting >= STORE_THREADS * 4:
+            self.metrics.store_errors.inc()
+            raise APIError(503, "the history store is slow: too many operations waiting for it; retry",
+                           code="history_store_unavailable", headers={"Retry-After": "1"})
+        self.store_waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.store_pool, self._store_call, fn, *args)
+        finally:
+            self.store_waiting -= 1
+
+    def _store_call(self, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
             raise APIError(503, f"{exc}; nothing was written, retry", code="history_store_unavailable",
                            headers={"Retry-After": "1"}) from None
-        except StoreFull as exc:
-            raise APIError(503, str(exc), code="history_store_full") from None
+        except StoreTimeout as exc:  # not 503: a retry on another replica could write an event twice
+            self.metrics.store_errors.inc()
+            raise APIError(504, f"{exc}; an event may or may not have been written", "service_unavailable",
+                           code="history_store_timeout") from None
+        except StoreError as exc:
+            self.metrics.store_errors.inc()
+            raise APIError(502, str(exc), "server_error", code="history_store_error") from None
 
     async def recommend(self, body: RecommendationRequest) -> dict[str, Any]:
         s, r = self.settings, self.recommender
@@ -331,15 +412,17 @@ class RecsysServer:
             history = r.items_of(body.history, "history")
         else:
             user = self.user_id(body.user_id)
-            events = await asyncio.to_thread(self.store_call, self.store.events, [user])
+            events = await self.call_store(self.store.events, [user])
             history = r.base_history(user) + r.known_items(events[0])
         exclude = history if body.exclude_seen else []
         source = "model"
         if not history:
             if s.cold_start == "error":
+                if user is None:
+                    raise APIError(400, "history is empty (this server has no popularity fallback)", param="history")
                 raise APIError(404, f"user {user!r} has no history: post events to /v1/events or send a history",
                                param="user_id", code="unknown_user")
-            items, scores = r.popularity(body.k, [])
+            items, scores = r.popularity(body.k)
             source = "popularity"
             self.metrics.fallbacks.inc()
         else:
@@ -357,7 +440,7 @@ class RecsysServer:
             raise APIError(400, f"items holds {len(values)} items; send 1 to {MAX_EVENTS_PER_REQUEST}", param="items")
         indices = self.recommender.items_of(values, "items" if body.items is not None else "item_id")
         ids = [self.recommender.item_ids[i - 1] for i in indices]
-        kept = await asyncio.to_thread(self.store_call, self.store.append, user, ids)
+        kept = await self.call_store(self.store.append, user, ids)
         self.metrics.events.inc(len(ids))
         return {"object": "events", "user_id": user, "accepted": len(ids), "events_kept": kept}
 
@@ -385,15 +468,7 @@ def build_recsys_app(recommender: Recommender, settings: RecsysSettings, store: 
 
     install_error_handlers(app, error_response)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = {"/v1/recommendations": "recommendations", "/v1/events": "events"}.get(request.url.path)
-        if endpoint is not None:
-            metrics.latency.labels(settings.model_name, endpoint).observe(time.perf_counter() - start)
-            metrics.requests.labels(settings.model_name, endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Observe, metrics=metrics)
 
     async def authorize(request: Request) -> str:
         path = request.url.path
@@ -405,12 +480,12 @@ def build_recsys_app(recommender: Recommender, settings: RecsysSettings, store: 
                             request.headers.get("authorization"))
 
     @app.post("/v1/recommendations")
-    async def recommendations(body: RecommendationRequest, key: str = Depends(authorize)) -> dict[str, Any]:
-        return await server.recommend(body)
+    async def recommendations(body: RecommendationRequest, key: str = Depends(authorize)) -> Response:
+        return JSONResponse(await server.recommend(body))  # plain JSON: no encoder walk over the answer
 
     @app.post("/v1/events")
-    async def events(body: EventRequest, key: str = Depends(authorize)) -> dict[str, Any]:
-        return await server.post_events(body)
+    async def events(body: EventRequest, key: str = Depends(authorize)) -> Response:
+        return JSONResponse(await server.post_events(body))
 
     @app.get("/v1/models")
     async def models(key: str = Depends(authorize)) -> dict[str, Any]:
@@ -420,13 +495,20 @@ def build_recsys_app(recommender: Recommender, settings: RecsysSettings, store: 
 
     @app.get("/health")
     async def health() -> Response:
-        if server.draining:
-            return JSONResponse({"status": "unavailable", "reason": "shutting down"}, status_code=503)
-        try:
-            await asyncio.to_thread(server.store.ping)
-        except StoreUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "history_store": server.store.describe()})
+        """503 only when this server cannot answer at all (draining, scoring loop stopped): an
+        unreachable history store is shared by every server, so it is reported, not made a reason
+        to take this one out of rotation (requests that send their history still work)."""
+        batcher = server.batcher
+        if server.draining or batcher is None or not batcher.alive:
+            reason = "shutting down" if server.draining else "the scoring loop is not running"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        store = "ok"
+        if server.store.blocking:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(server.store.ping), 2.0)
+            except (StoreUnavailable, StoreTimeout, StoreError, TimeoutError, asyncio.TimeoutError):
+                store = "unavailable"
+        return JSONResponse({"status": "ok", "history_store": store})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(key: str = Depends(authorize)) -> Response:

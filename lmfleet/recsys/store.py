@@ -9,6 +9,7 @@ cannot be reached raises `StoreUnavailable` (the server answers 503 and the clie
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -18,17 +19,25 @@ from lmfleet.errors import ConfigError, LmfleetError
 
 
 class StoreUnavailable(LmfleetError):
-    """The history store cannot be reached or refused the operation."""
+    """The history store cannot be reached: the operation did not happen (retry)."""
 
 
-class StoreFull(LmfleetError):
-    """The in-memory store holds events for its maximum number of users."""
+class StoreTimeout(LmfleetError):
+    """The history store did not answer in time: a write may or may not have happened."""
+
+
+class StoreError(LmfleetError):
+    """The history store refused the operation (a reply error: wrong type, auth, read-only...)."""
+
+
+PASSWORD_ENV = "LMFLEET_REDIS_PASSWORD"  # the Redis password, when the URL carries none
 
 
 class HistoryStore:
     """Events per user id: the original item ids, oldest first (so they outlive a retrained model)."""
 
     max_events: int
+    blocking = True  # its calls do I/O: the server makes them on a worker thread
 
     def append(self, user: str, items: list[str]) -> int:
         """Append `items` to `user`'s events atomically; the number of events now kept."""
@@ -48,7 +57,10 @@ class HistoryStore:
 
 
 class MemoryHistoryStore(HistoryStore):
-    """Events in this process, lost when it stops; at most `max_users` users hold events."""
+    """Events in this process, lost when it stops; beyond `max_users` users with events, the least
+    recently active one's events go (a bounded cache: use Redis to keep every user)."""
+
+    blocking = False
 
     def __init__(self, max_events: int, max_users: int = 1_000_000):
         self.max_events, self.max_users = max_events, max_users
@@ -59,10 +71,11 @@ class MemoryHistoryStore(HistoryStore):
         with self._lock:
             kept = self._events.get(user)
             if kept is None:
-                if len(self._events) >= self.max_users:
-                    raise StoreFull(f"the in-memory history store holds events for its maximum of {self.max_users:,} "
-                                    "users; use --history-store redis://... for more")
+                while len(self._events) >= self.max_users:
+                    self._events.popitem(last=False)
                 kept = self._events[user] = []
+            else:
+                self._events.move_to_end(user)
             kept.extend(items)
             del kept[:-self.max_events]
             return len(kept)
@@ -87,20 +100,25 @@ class RedisHistoryStore(HistoryStore):
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
             raise ConfigError(f"--history-store {url!r}: give redis://HOST:PORT/DB (or rediss:// for TLS)")
-        self.url, self.max_events, self.prefix = url, max_events, prefix
+        self.url, self.max_events, self.prefix, self.timeout_s = url, max_events, prefix, timeout_s
         self._redis = redis
+        password = None if parsed.password else os.environ.get(PASSWORD_ENV) or None
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry_on_timeout=False)
+                                           retry_on_timeout=False, password=password)
 
     def _key(self, user: str) -> str:
         return f"{self.prefix}:events:{user}"
 
     def _call(self, what: str, fn: Any) -> Any:
+        errors = self._redis.exceptions
         try:
             return fn()
-        except self._redis.RedisError as exc:
-            raise StoreUnavailable(f"the history store {self._safe_url()} is unavailable ({what}: "
-                                   f"{type(exc).__name__}: {exc})") from None
+        except errors.TimeoutError:
+            raise StoreTimeout(f"the history store did not answer the {what} within {self.timeout_s:g} s") from None
+        except errors.ConnectionError as exc:
+            raise StoreUnavailable(f"the history store is unavailable ({what}: {type(exc).__name__})") from None
+        except errors.RedisError as exc:
+            raise StoreError(f"the history store refused the {what}: {str(exc)[:200]}") from None
 
     def _safe_url(self) -> str:
         parsed = urlparse(self.url)
