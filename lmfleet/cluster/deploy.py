@@ -26,6 +26,7 @@ from lmfleet.serve.auth import KeyChecker
 from lmfleet.serve.frontend import ServeSettings
 
 APP_NAME = "lmfleet"
+LMFLEET_APPS = ("lmfleet", "lmfleet-recsys")  # the language models' and the recommender's
 DEFAULT_MAX_NUM_SEQS = 64  # the engine's default, when engine_kwargs leave it out
 PROBE_SLOTS = 64  # ingress slots beyond every replica's and the queue's, for /health and /metrics
 
@@ -144,11 +145,17 @@ def start_cluster(config: ClusterConfig) -> list[str]:
     cluster cannot place, start the metrics store and Serve's HTTP proxy on host:port; returns
     warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
     connect(config.ray_address)
-    existing = serve.status().applications.get(config.app_name)  # empty when Serve is not running
+    running = serve.status().applications  # empty when Serve is not running
+    existing = running.get(config.app_name)
     if existing is not None:
         raise AppAlreadyRunning(f"the Ray cluster already serves an application named {config.app_name!r} "
                                 f"({ray_errors.state_name(existing.status)}), e.g. another `lmfleet serve`; "
                                 "stop that one first (it is left running)")
+    # Another lmfleet application holds the route "/" and the metrics store: starting would break it.
+    other = next((name for name in LMFLEET_APPS if name != config.app_name and name in running), None)
+    if other is not None:
+        raise AppAlreadyRunning(f"the Ray cluster already serves the lmfleet application {other!r} on the same "
+                                "endpoint; one lmfleet application per Ray cluster (it is left running)")
     check_resources(max(1, config.min_replicas), config.cpus_per_replica, config.gpus_per_replica)
     warnings: list[str] = []
     if config.autoscale is not None:

@@ -182,8 +182,7 @@ def score_rows(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if padded != rows:
         hidden = torch.cat([hidden, hidden.new_zeros(padded - rows, hidden.shape[1])])
     with torch.autocast(hidden.device.type, enabled=False):
-        # table @ block.T: the item dimension is the GEMM's long one (twice as fast here as block @ table.T).
-        return torch.cat([(table @ hidden[i:i + SCORE_BLOCK].t()).t() for i in range(0, padded, SCORE_BLOCK)])[:rows]
+        return torch.cat([hidden[i:i + SCORE_BLOCK] @ table.t() for i in range(0, padded, SCORE_BLOCK)])[:rows]
 
 
 def top_k(scores: torch.Tensor, k: int, exclude: Any = ()) -> tuple[list[int], list[float]]:
