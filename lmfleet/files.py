@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from lmfleet.errors import ConfigError
 
 
 def file_sha256(path: Path) -> str:
@@ -27,3 +30,19 @@ def publish_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def check_output_dir(out: Path, overwrite: bool, kind: str, holds_one: Callable[[Path], bool]) -> None:
+    """Refuse an output that is a file, a non-empty directory that `holds_one` says is not a `kind`,
+    or a `kind` without `overwrite` (nothing is deleted that a user did not ask to replace)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if not any(out.iterdir()):
+        return
+    if not holds_one(out):
+        raise ConfigError(f"--out {out} is not empty and holds no {kind}: choose a new or empty directory; "
+                          "nothing was changed")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a {kind}: pass --overwrite to replace it")

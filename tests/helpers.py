@@ -60,24 +60,32 @@ def serve_process(model_dir, *args: str, cwd=None, env=None, timeout: float = 12
     """`lmfleet serve MODEL_DIR --port P ARGS` (the installed entry point; `command` ("recsys", "serve")
     for the recommender), once healthy: the process (stdout and stderr in one pipe) and its URL.
     Fails with the server's output if it exits or stays unhealthy past `timeout` seconds."""
-    import time
     from pathlib import Path
-
-    import httpx
 
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("lmfleet")), *command, str(model_dir), "--port",
                              str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=cwd, env=env)
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, timeout, lambda: proc.stdout.read())
+    return proc, url
+
+
+def wait_healthy(url: str, proc, timeout: float, output) -> None:
+    """Until `url`/health answers 200; if `proc` exits or `timeout` seconds pass first, it is
+    killed and the assertion carries `output()` (the server's log)."""
+    import time
+
+    import httpx
+
     deadline = time.monotonic() + timeout
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(proc.stdout.read())
+            raise AssertionError(output())
         time.sleep(0.3)

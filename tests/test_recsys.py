@@ -29,7 +29,7 @@ from lmfleet.recsys.model import SASRecConfig, build_sasrec, load_sasrec
 from lmfleet.recsys.train import recsys_loss
 from lmfleet.train.metrics import read_metrics
 
-from .helpers import assert_one_line_error, free_port, run_cli, serve_process
+from .helpers import assert_one_line_error, free_port, run_cli, serve_process, wait_healthy
 
 MANIFEST_NAME = "manifest.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sasrec-debug.toml"
@@ -704,15 +704,7 @@ def test_ray_replicas_answer_through_one_endpoint_with_shared_histories(trained,
             cwd=tmp_path,
         )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_healthy(url, proc, 240, lambda: log.read_text()[-3000:])
         started = psutil.Process(proc.pid).children(recursive=True)
         user = data.user_ids[11]
         item = item_ids[0] if 1 not in data.sequence(11) else item_ids[1]

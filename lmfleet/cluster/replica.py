@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -18,24 +18,15 @@ from lmfleet.serve.auth import KeyChecker
 from lmfleet.serve.frontend import ServeSettings
 
 
-# The per-replica options (concurrency, queue, resources, router, shutdown) are set by `deploy`.
-@serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
-class LLMReplica:
-    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any], settings: dict[str, Any],
-                 key_digests: list[str], threads: int, wedged_after_s: float = 60.0):
-        import torch
+class AppReplica:
+    """What every lmfleet replica does around its FastAPI app: answer each request the ingress
+    forwards by running it through the app in process, and push the app's metrics to the store."""
 
-        from lmfleet.engine import AsyncLLMEngine, LLMEngine
-        from lmfleet.serve.app import build_app
-
-        torch.set_num_threads(max(1, threads))
-        self.engine = AsyncLLMEngine(LLMEngine(model_dir, **engine_kwargs))
-        self.app = build_app(self.engine, ServeSettings(**settings))
-        # Ray holds only the keys' digests (its state is visible to anyone on the cluster).
-        self.app.state.front.checker = KeyChecker.from_digests(key_digests)
+    def serve_app(self, app: Any, render: Callable[[], bytes]) -> None:
+        """Call once from the replica's __init__, on Ray Serve's event loop."""
+        self.app, self._render = app, render
         self.replica = serve.get_replica_context().replica_tag
         self.where = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
-        self.wedged_after_s = wedged_after_s
         self._store = None
         self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
 
@@ -45,8 +36,7 @@ class LLMReplica:
                 if self._store is None:
                     self._store = store_handle()
                 if self._store is not None:
-                    await self._store.put.remote(self.replica, self.app.state.front.metrics.render().decode(),
-                                                 self.where)
+                    await self._store.put.remote(self.replica, self._render().decode(), self.where)
             except Exception:  # noqa: BLE001 - metrics must never take a replica down
                 self._store = None
             await asyncio.sleep(PUSH_S)
@@ -60,6 +50,25 @@ class LLMReplica:
             if first:
                 item, first = (*item, self.replica), False
             yield item
+
+
+# The per-replica options (concurrency, queue, resources, router, shutdown) are set by `deploy`.
+@serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
+class LLMReplica(AppReplica):
+    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any], settings: dict[str, Any],
+                 key_digests: list[str], threads: int, wedged_after_s: float = 60.0):
+        import torch
+
+        from lmfleet.engine import AsyncLLMEngine, LLMEngine
+        from lmfleet.serve.app import build_app
+
+        torch.set_num_threads(max(1, threads))
+        self.engine = AsyncLLMEngine(LLMEngine(model_dir, **engine_kwargs))
+        app = build_app(self.engine, ServeSettings(**settings))
+        # Ray holds only the keys' digests (its state is visible to anyone on the cluster).
+        app.state.front.checker = KeyChecker.from_digests(key_digests)
+        self.wedged_after_s = wedged_after_s
+        self.serve_app(app, app.state.front.metrics.render)
 
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose check fails: the engine loop died, or it holds

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmfleet.errors import ConfigError, DataError
+from lmfleet.files import check_output_dir as check_dir
 from lmfleet.files import file_sha256, publish_dir
 from lmfleet.model.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
@@ -173,18 +174,8 @@ def _carve_val(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> N
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output that is a file, a directory holding anything but a corpus, or a corpus
-    without `overwrite` (nothing is deleted that a user did not ask to replace)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file():
-        raise ConfigError(f"--out {out} is not empty and holds no corpus ({MANIFEST}): choose a new or empty "
-                          f"directory; nothing was changed")
-    if not overwrite:
-        raise ConfigError(f"--out {out} already holds a corpus: pass --overwrite to replace it")
+    without `overwrite`."""
+    check_dir(out, overwrite, f"corpus ({MANIFEST})", lambda d: (d / MANIFEST).is_file())
 
 
 def prepare_corpus(sources: Sequence[str], out: str | os.PathLike, vocab_size: int = 8192,

@@ -9,19 +9,15 @@ cluster-wide /metrics and /health), all reading and writing one Redis history st
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import urlparse
 
-import ray
 from ray import serve
 
 from lmfleet.cluster import router as routing
-from lmfleet.cluster.asgi import asgi_call
 from lmfleet.cluster.deploy import ClusterConfig, replica_options, run_behind_ingress, start_cluster
-from lmfleet.cluster.metrics_store import PUSH_S, store_handle
+from lmfleet.cluster.replica import AppReplica
 from lmfleet.errors import ConfigError
 from lmfleet.recsys.serve import RecsysSettings
 from lmfleet.serve.auth import KeyChecker
@@ -33,9 +29,8 @@ WEDGED_AFTER_S = 60.0
 
 
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
-class RecsysReplica:
+class RecsysReplica(AppReplica):
     def __init__(self, model_dir: str, data_dir: str | None, settings: dict[str, Any], key_digests: list[str]):
-
         from lmfleet.recsys.serve import MicroBatcher, Recommender, RecsysSettings, build_recsys_app
 
         settings = RecsysSettings(**settings)
@@ -46,30 +41,7 @@ class RecsysReplica:
         self.server.checker = KeyChecker.from_digests(key_digests)
         self.server.batcher = MicroBatcher(recommender, self.server.settings, self.server.metrics)
         self.server.batcher.start(asyncio.get_event_loop())
-        self.replica = serve.get_replica_context().replica_tag
-        self.where = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
-        self._store = None
-        self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
-
-    async def _push_metrics(self) -> None:
-        while True:
-            try:
-                if self._store is None:
-                    self._store = store_handle()
-                if self._store is not None:
-                    await self._store.put.remote(self.replica, self.server.metrics.render().decode(), self.where)
-            except Exception:  # noqa: BLE001 - metrics must never take a replica down
-                self._store = None
-            await asyncio.sleep(PUSH_S)
-
-    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
-                     routing_key: str | None = None, avoid: str | None = None) -> AsyncIterator[Any]:
-        """One forwarded HTTP request (see `asgi_call`); the first item also names this replica."""
-        first = True
-        async for item in asgi_call(self.app, method, path, query, headers, body):
-            if first:
-                item, first = (*item, self.replica), False
-            yield item
+        self.serve_app(self.app, self.server.metrics.render)
 
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose scoring loop stopped, or holds requests and has

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmfleet.errors import ConfigError, DataError
-from lmfleet.files import file_sha256, publish_dir
+from lmfleet.files import check_output_dir, file_sha256, publish_dir
 
 FORMAT = "lmfleet-recsys/1"
 MANIFEST = "manifest.json"
@@ -208,17 +208,13 @@ def write_dataset(rows: Interactions, out: str | Path, source: dict[str, Any], o
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file() or json.loads((out / MANIFEST).read_text()).get("format") != FORMAT:
-        raise ConfigError(f"--out {out} is not empty and holds no recsys dataset: choose a new or empty directory; "
-                          "nothing was changed")
-    if not overwrite:
-        raise ConfigError(f"--out {out} already holds a dataset: pass --overwrite to replace it")
+    def holds_dataset(d: Path) -> bool:
+        try:
+            return json.loads((d / MANIFEST).read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    check_output_dir(out, overwrite, "recsys dataset", holds_dataset)
 
 
 def prepare_interactions(interactions: str | Path | None, out: str | Path, fmt: str = "auto",

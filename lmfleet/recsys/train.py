@@ -154,12 +154,9 @@ class RecsysTrainer(Trainer):
         return record
 
     def export(self) -> Path | None:
-        state = self.strategy.full_state_dict()
-        if not self.info.is_main:
+        model = self.final_model(lambda: SASRec(self.model_config))
+        if model is None:
             return None
-        with torch.device("meta"):
-            model = SASRec(self.model_config)
-        model.load_state_dict(state, assign=True)
         counts = torch.from_numpy(self.data.item_counts())
         return save_sasrec(model, self.run_dir / "final", self.data.item_ids,
                            extra={"dataset": self.data.identity()}, tensors={"item_counts": counts})

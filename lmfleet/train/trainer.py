@@ -338,14 +338,22 @@ class Trainer:
         self.metrics.write({"kind": "eval", **record})
         return record
 
-    def export(self) -> Path | None:
-        """Write the final model as a Hugging Face-layout directory `RUN/final` (rank 0)."""
+    def final_model(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+        """The trained model, gathered whole on rank 0 into `make()`'s module (built on meta);
+        None on the other ranks (which still take part in the gather)."""
         state = self.strategy.full_state_dict()
         if not self.info.is_main:
             return None
         with torch.device("meta"):
-            model = Transformer(self.model_config)
+            model = make()
         model.load_state_dict(state, assign=True)
+        return model
+
+    def export(self) -> Path | None:
+        """Write the final model as a Hugging Face-layout directory `RUN/final` (rank 0)."""
+        model = self.final_model(lambda: Transformer(self.model_config))
+        if model is None:
+            return None
         model.tie_weights()
         return save_model(model, self.run_dir / "final", tokenizer=self.corpus.tokenizer())
 
