@@ -473,8 +473,9 @@ def eval_cmd(
 
     if seq_len <= 0 or max_tokens <= 0:
         raise ConfigError(f"--seq-len={seq_len} and --max-tokens={max_tokens} must be positive")
+    resolved = resolve_device(device)  # a bad --device is said before any work
     corpus = Corpus(data)
-    model = load_model(model_dir, dtype=dtype, device=resolve_device(device))
+    model = load_model(model_dir, dtype=dtype, device=resolved)
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"corpus {data} has a vocabulary of {corpus.vocab_size}, larger than the model's "
                           f"{model.config.vocab_size}: it was tokenized for another model")

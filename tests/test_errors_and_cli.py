@@ -73,6 +73,20 @@ def test_corrupt_and_mismatched_weights(model_dir) -> None:
         load_model(model_dir)
 
 
+def test_a_bad_device_is_a_one_line_error(model_dir) -> None:
+    import torch
+
+    from lmfleet.model.checkpoint import resolve_device
+
+    for bad in ("foo", "meta", "cuda:x"):
+        with pytest.raises(ConfigError, match="--device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert_one_line_error(run_cli("eval", str(model_dir), "--data", str(model_dir), "--device", "foo"), "--device 'foo'")
+
+
 def test_a_shard_index_cannot_point_outside_its_directory(model_dir, tmp_path) -> None:
     """A crafted model.safetensors.index.json naming a file elsewhere on the host is refused, even
     when that file exists and holds the right tensors."""

@@ -45,7 +45,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" is CUDA when present, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r}: give cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA device (use cpu or auto)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: lmfleet runs on cpu or cuda")
+    return resolved
 
 
 def dtype_name(dtype: torch.dtype) -> str:
