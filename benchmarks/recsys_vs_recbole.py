@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,8 +81,11 @@ def recbole(args: argparse.Namespace, root: Path) -> dict:
                                     checkpoints=root / "recbole-ckpt"))
     runner = root / "run_recbole.py"
     runner.write_text(RUNNER)
+    # RecBole 1.2.1 reloads its own best checkpoint with torch.load, which torch >= 2.6 refuses by
+    # default (weights_only): allowed for RecBole's process only, on the file it just wrote.
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     out = subprocess.run([args.recbole_python, str(runner), name, str(config)], capture_output=True, text=True,
-                         cwd=root, timeout=6 * 3600)
+                         cwd=root, timeout=6 * 3600, env=env)
     found = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not found:
         raise RuntimeError(f"RecBole failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
