@@ -19,6 +19,12 @@ from lmfleet.data.corpus import Corpus
 from lmfleet.errors import DataError
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which an epoch visits n samples: a permutation drawn from (seed, epoch) alone,
+    so it is the same whatever the number of ranks."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).numpy()
+
 class TokenLoader:
     def __init__(self, corpus: Corpus, seq_len: int, micro_batch: int, grad_accum: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, split: str = "train"):
@@ -46,8 +52,7 @@ class TokenLoader:
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(self.num_windows, generator=gen).numpy()
+            self._order = epoch_order(self.seed, epoch, self.num_windows)
             self._epoch = epoch
         return self._order
 

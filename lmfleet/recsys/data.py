@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmfleet.data.loader import epoch_order
 from lmfleet.errors import ConfigError, DataError
 from lmfleet.files import check_output_dir, file_sha256, publish_dir
 
@@ -352,8 +353,7 @@ class SequenceLoader:
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(len(self.users), generator=gen).numpy()
+            self._order = epoch_order(self.seed, epoch, len(self.users))
             self._epoch = epoch
         return self._order
 
