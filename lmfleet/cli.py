@@ -882,22 +882,28 @@ def status(
     ray_address: Annotated[str, typer.Option(help="The Ray cluster ('auto': the one on this node).")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Replicas of a Ray Serve deployment: their state, load and health."""
+    """Replicas of the lmfleet deployment on a Ray cluster (language models or recommender): their state,
+    load and health."""
     from lmfleet.cluster.status import cluster_status
 
     result = cluster_status(ray_address)
     if as_json:
         print(json.dumps(result))
         return
-    out.print(f"application: {result['application']}")
+    out.print(f"application {result['name']}: {result['application']}")
     for name, d in result["deployments"].items():
         out.print(f"  {name}: {d['status']}, replicas {d['replicas']}")
     table = Table(title="replicas")
-    for column in ("replica", "node", "pid", "running", "waiting", "kv cache", "generated tokens", "last report"):
+    recsys = result["kind"] == "recsys"
+    load = ("waiting", "requests", "events", "store errors") if recsys else (
+        "running", "waiting", "kv cache", "generated tokens")
+    for column in ("replica", "node", "pid", *load, "last report"):
         table.add_column(column)
     for r in result["replicas"]:
-        table.add_row(r["replica"], r["node"], str(r["pid"]), f"{r['running']:g}", f"{r['waiting']:g}",
-                      f"{r['kv_cache_usage']:.0%}", f"{r['generation_tokens']:g}", f"{r['age_s']:.1f} s ago")
+        values = ((r["waiting"], r["requests"], r["events"], r["store_errors"]) if recsys else
+                  (r["running"], r["waiting"], f"{r['kv_cache_usage']:.0%}", r["generation_tokens"]))
+        table.add_row(r["replica"], r["node"], str(r["pid"]), *(v if isinstance(v, str) else f"{v:g}" for v in values),
+                      f"{r['age_s']:.1f} s ago")
     out.print(table)
 
 

@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 from lmfleet.errors import ConfigError, DataError
 from lmfleet.recsys.data import RecData, SequenceLoader, prepare_interactions, read_interactions
 from lmfleet.recsys.evaluate import evaluate_scorer, itemknn_scorer, metrics_from_ranks, popularity_scorer, ranks_of
-from lmfleet.recsys.model import SASRecConfig, build_sasrec, load_sasrec
+from lmfleet.recsys.model import SASRecConfig, build_sasrec, load_sasrec, top_k_rows
 from lmfleet.recsys.train import recsys_loss
 from lmfleet.train.metrics import read_metrics
+from lmfleet.train.plot import plot_run
 
 from .helpers import assert_one_line_error, free_port, run_cli, serve_process, wait_healthy
 
@@ -144,6 +145,11 @@ def test_sasrec_is_causal_and_ignores_padding() -> None:
     # Less left padding (a shorter batch) gives the same scores after the history.
     assert torch.allclose(model(history[:, 3:])[0, -1], scores[0, -1], atol=1e-12)
     assert torch.allclose(model.score_last([[5, 9, 2, 7, 4]])[0], scores[0, -1], atol=1e-12)
+    # The last-position path (its last layer run for that position alone, in row blocks) is the
+    # full forward's last row, for more rows than one block and for empty histories.
+    batch = torch.randint(1, 31, (20, 8), generator=torch.Generator().manual_seed(0))
+    batch[0], batch[1, :6] = 0, 0
+    assert torch.allclose(model(batch, last_only=True)[:, 1:], model(batch)[:, -1, 1:], atol=1e-12)
     # Candidates score as the full table does.
     candidates = torch.randint(1, 31, (1, 8, 3))
     x = torch.cat([history[..., None], candidates], -1)
@@ -151,6 +157,47 @@ def test_sasrec_is_causal_and_ignores_padding() -> None:
     assert scores[0, -1, 0] == float("-inf")
     items, values = model.recommend([5, 9, 2, 7, 4], k=5)
     assert len(items) == 5 and not {5, 9, 2, 7, 4} & set(items) and values == sorted(values, reverse=True)
+
+
+def test_top_k_is_the_exact_ranking_whatever_the_batch() -> None:
+    """`top_k_rows` against exact rational arithmetic: near-ties one float32 ulp apart, exact ties
+    (to the lower id), exclusions and a NaN item; the answer for a row is the same bits alone or
+    in batches of any size (the one matmul's kernel changes with the batch)."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(400, 16, generator=gen)
+    table[0] = 0
+    table[7] = table[3]  # an exact tie with item 3
+    table[8] = table[3] + torch.finfo(torch.float32).eps * table[3].abs()  # a near-tie
+    table[9] = float("nan")
+    hidden = torch.randn(40, 16, generator=gen)
+    hidden[5] = table[3] * 4  # items 3, 7, 8 lead, within rounding of each other
+    excludes = [[1, 2, 2, 399] if r % 3 == 0 else [] for r in range(40)]
+    ks = [1 + r % 12 for r in range(40)]
+
+    def exact(row: int) -> tuple[list[int], list[float]]:
+        h = [Fraction(float(v)) for v in hidden[row]]
+        scores = {
+            i: sum(Fraction(float(t)) * x for t, x in zip(table[i], h))
+            for i in range(1, 400)
+            if i != 9 and i not in excludes[row]
+        }
+        best = sorted(scores, key=lambda i: (-scores[i], i))[: ks[row]]
+        return best, [float(scores[i]) for i in best]
+
+    alone = [top_k_rows(hidden[r : r + 1], table, ks[r : r + 1], excludes[r : r + 1])[0] for r in range(40)]
+    for r in (0, 5, 6, 17, 39):
+        items, scores = exact(r)
+        assert alone[r][0] == items, r
+        assert alone[r][1] == pytest.approx(scores, rel=1e-13, abs=1e-13), r
+    assert alone[5][0][:3] == [3, 7, 8] or alone[5][0][:3] == [8, 3, 7]
+    for size in (2, 3, 5, 8, 13, 16, 17, 40):
+        batched = []
+        for start in range(0, 40, size):
+            batched += top_k_rows(hidden[start : start + size], table, ks[start : start + size],
+                                  excludes[start : start + size])
+        assert batched == alone, size
 
 
 def test_loss_matches_a_hand_computation() -> None:
@@ -251,6 +298,7 @@ def test_trained_model_beats_popularity_and_itemknn(trained) -> None:
     evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 30, 60, 90, 120, 150]
     assert evals[-1]["val_ndcg@10"] > evals[0]["val_ndcg@10"] + 0.1
+    assert plot_run(run, run / "plot.png").read_bytes()[:4] == b"\x89PNG"  # loss and validation NDCG/HR
     # The exported directory: what evaluate_scorer computes offline equals what eval printed.
     loaded, item_ids, extra = load_sasrec(run / "final")
     data = RecData(data_dir)
@@ -498,8 +546,11 @@ def test_an_event_changes_the_next_recommendation_as_offline(trained, recsys_ser
     user = data.user_ids[30]
     before = _recommend(recsys_server, {"user_id": user, "k": 5}).json()
     item = before["data"][0]["item_id"]
-    posted = _post_events(recsys_server, {"user_id": user, "item_id": item})
+    posted = _post_events(recsys_server, {"user_id": user, "item_id": item, "event_id": "e-1"})
     assert posted.status_code == 200 and posted.json()["accepted"] == 1, posted.text
+    # A retry of the same event (its answer lost) is acknowledged and not appended again.
+    again = _post_events(recsys_server, {"user_id": user, "item_id": item, "event_id": "e-1"}).json()
+    assert again["repeat"] is True and again["accepted"] == 0 and again["events_kept"] == 1, again
     after = _recommend(recsys_server, {"user_id": user, "k": 5}).json()
     history = data.sequence(30).tolist() + [item_ids.index(item) + 1]
     items, scores = model.recommend(history, k=5)
@@ -555,6 +606,9 @@ def test_bad_events_and_keys_are_refused_and_nothing_is_written(trained, recsys_
         {"user_id": user, "item_id": 2.5},
         {"user_id": user},
         {"user_id": user, "items": ["5"] * 1001},
+        {"user_id": user, "item_id": "5", "event_id": ""},
+        {"user_id": user, "item_id": "5", "event_id": 7},
+        {"user_id": user, "item_id": "5", "event_id": "x" * 129},
     ):
         r = _post_events(recsys_server, body)
         assert r.status_code == 400 and r.json()["error"]["message"], (body, r.text)
@@ -636,7 +690,12 @@ def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stop
     try:
         user = data.user_ids[7]
         first = _recommend(url_b, {"user_id": user, "k": 5}).json()["data"][0]["item_id"]
-        assert _post_events(url_a, {"user_id": user, "item_id": first}).status_code == 200
+        event = {"user_id": user, "item_id": first, "event_id": "click-1"}
+        assert _post_events(url_a, event).json()["repeat"] is False
+        assert _post_events(url_b, event).json()["repeat"] is True  # a retry through the other server
+        # Event ids are per user, whatever the characters: ("a:b", "c") is not ("a", "b:c").
+        assert _post_events(url_a, {"user_id": "a:b", "item_id": first, "event_id": "c"}).json()["repeat"] is False
+        assert _post_events(url_a, {"user_id": "a", "item_id": first, "event_id": "b:c"}).json()["repeat"] is False
         history = data.sequence(7).tolist() + [item_ids.index(first) + 1]
         expected, _ = model.recommend(history, k=5)
         for url in (url_a, url_b):
@@ -651,6 +710,8 @@ def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stop
         sent = _recommend(url_a, {"history": [item_ids[i - 1] for i in history], "k": 5})  # needs no store
         assert sent.status_code == 200
         redis_server.start()
+        # The event id outlives the restart (and Redis's script cache, which does not).
+        assert _post_events(url_b, event).json()["repeat"] is True
         for url in (url_a, url_b):
             got = _recommend(url, {"user_id": user, "k": 5}).json()
             assert [d["item_id"] for d in got["data"]] == [item_ids[i - 1] for i in expected]  # nothing lost
@@ -728,6 +789,13 @@ def test_ray_replicas_answer_through_one_endpoint_with_shared_histories(trained,
             if len(served) == 2:
                 break
         assert len(served) == 2 and all(v > 0 for v in served.values()), served  # both replicas answered
+        status = run_cli("status", "--json")  # `lmfleet status` finds the recommender's application
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["name"] == "lmfleet-recsys" and report["kind"] == "recsys", report
+        assert report["deployments"]["RecsysReplica"]["replicas"] == {"RUNNING": 2}, report
+        assert sorted(r["replica"] for r in report["replicas"]) == sorted(served), report
+        assert sum(r["requests"] for r in report["replicas"]) >= sum(served.values()) + 1  # and the event
         assert _recommend(url, {"user_id": user}, key="wrong-key-123").status_code == 401  # keys at the ingress
         redis_server.stop()
         down = _post_events(url, {"user_id": user, "item_id": item_ids[2]})

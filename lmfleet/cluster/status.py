@@ -1,5 +1,6 @@
 """`lmfleet status`: the application's and replicas' states from Ray Serve, and each replica's load,
-process and node from the metrics it last pushed (no Ray dashboard needed)."""
+process and node from the metrics it last pushed (no Ray dashboard needed). It reports the lmfleet
+application the cluster runs: the language models' or the recommender's (one per cluster)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from lmfleet.cluster.deploy import APP_NAME
+from lmfleet.cluster.deploy import APP_NAME, LMFLEET_APPS
 from lmfleet.cluster.join import connect
 from lmfleet.cluster.metrics_store import store_handle
 from lmfleet.cluster.ray_errors import state_name
@@ -35,20 +36,36 @@ def sample_sums(text: str) -> dict[str, float]:
     return sums
 
 
-def cluster_status(ray_address: str | None = "auto", app_name: str = APP_NAME) -> dict[str, Any]:
-    """Application and replica states from Ray Serve, and each replica's load from its last metrics."""
+def running_app(default: str = APP_NAME) -> str:
+    """The lmfleet application deployed on the connected cluster (`default` when none is)."""
+    running = serve.status().applications
+    return next((name for name in LMFLEET_APPS if name in running), default)
+
+
+def cluster_status(ray_address: str | None = "auto", app_name: str | None = None) -> dict[str, Any]:
+    """Application and replica states from Ray Serve, and each replica's load from its last metrics
+    (`app_name` None: the lmfleet application that runs there)."""
     connect(ray_address)
-    result = replica_status(app_name)
+    app_name = app_name or running_app()
+    recsys = app_name != APP_NAME
+    result = {"name": app_name, "kind": "recsys" if recsys else "llm", **replica_status(app_name)}
     replicas = []
     store = store_handle()
     if store is not None:
         now = time.time()
         for replica, (stamp, text, where) in sorted(ray.get(store.raw.remote()).items()):
             sums = sample_sums(text)
-            replicas.append({"replica": replica, "pid": where["pid"], "node": where["node"], "age_s": now - stamp,
-                             "running": sums.get("lmfleet:num_requests_running", 0.0),
-                             "waiting": sums.get("lmfleet:num_requests_waiting", 0.0),
-                             "kv_cache_usage": sums.get("lmfleet:kv_cache_usage_perc", 0.0),
-                             "generation_tokens": sums.get("lmfleet:generation_tokens_total", 0.0)})
+            row = {"replica": replica, "pid": where["pid"], "node": where["node"], "age_s": now - stamp}
+            if recsys:
+                row.update(waiting=sums.get("lmfleet_recsys:num_requests_waiting", 0.0),
+                           requests=sums.get("lmfleet_recsys:requests_total", 0.0),
+                           events=sums.get("lmfleet_recsys:events_total", 0.0),
+                           store_errors=sums.get("lmfleet_recsys:history_store_errors_total", 0.0))
+            else:
+                row.update(running=sums.get("lmfleet:num_requests_running", 0.0),
+                           waiting=sums.get("lmfleet:num_requests_waiting", 0.0),
+                           kv_cache_usage=sums.get("lmfleet:kv_cache_usage_perc", 0.0),
+                           generation_tokens=sums.get("lmfleet:generation_tokens_total", 0.0))
+            replicas.append(row)
     result["replicas"] = replicas
     return result

@@ -3,9 +3,10 @@
 Items are 1..num_items (0 pads). The item embedding both reads the sequence and scores the
 next item (shared), positions are learned, blocks are pre-norm attention + feed-forward with
 dropout. `model(history)` [B, L] gives scores of every item at every position [B, L, N + 1]
-(padding scored -inf; `last_only=True`: after the last position only, [B, N + 1]); `model(x)` with x [B, L, 1 + C] (history, then C candidate items per
-position) gives the candidates' scores [B, L, C]. A directory holds config.json,
-model.safetensors and item_ids.json (the original ids).
+(padding scored -inf; `last_only=True`: after the last position only, [B, N + 1]); `model(x)`
+with x [B, L, 1 + C] (history, then C candidate items per position) gives the candidates'
+scores [B, L, C]. `recommend`/`recommend_rows` give top-k items that do not depend on the batch.
+A directory holds config.json, model.safetensors and item_ids.json (the original ids).
 """
 
 from __future__ import annotations
@@ -78,12 +79,23 @@ class Block(nn.Module):
         self.ffn_out = nn.Linear(h * cfg.ffn_multiplier, h)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x [B, L, H] -> [B, L, H]; `last_only`: the last position only, [B, H] (its keys and values
+        still come from every position), its row-wise layers in blocks of ROW_BLOCK rows."""
         b, length, h = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # Every query, also for `last_only`: attention's kernel for one query rounds differently with
+        # the thread count, and it is the cheap part.
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                   dropout_p=self.dropout.p if self.training else 0.0)
+        if last_only:
+            return in_row_blocks(lambda rows: self._rows(rows[:, :h], rows[:, h:]),
+                                 torch.cat([x[:, -1], attended[:, :, -1].reshape(b, h)], dim=1))
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, length, h)))
+        return x + self.dropout(self.ffn_out(self.dropout(F.gelu(self.ffn_in(self.ffn_norm(x))))))
+
+    def _rows(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.out(attended))
         return x + self.dropout(self.ffn_out(self.dropout(F.gelu(self.ffn_in(self.ffn_norm(x))))))
 
 
@@ -111,8 +123,9 @@ class SASRec(nn.Module):
         self.item_embedding.weight[0].zero_()
         return self
 
-    def encode(self, history: torch.Tensor) -> torch.Tensor:
-        """Hidden state after every position [B, L, H] of left-padded histories [B, L]."""
+    def encode(self, history: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden state after every position [B, L, H] of left-padded histories [B, L] (`last_only`:
+        after the last one, [B, H], which the last layer computes for that position alone)."""
         length = history.shape[1]
         if length > self.config.max_len:
             history, length = history[:, -self.config.max_len:], self.config.max_len
@@ -125,9 +138,11 @@ class SASRec(nn.Module):
         mask = ((idx[None, :, None] >= idx[None, None, :]) & real[:, None, :]) | torch.eye(
             length, dtype=torch.bool, device=history.device)[None]
         mask = mask[:, None]  # [B, 1, L, L]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if last_only and i == len(self.layers) - 1:
+                return self.norm(layer(x, mask, last_only=True) * real[:, -1, None])
             x = layer(x, mask) * real[..., None]
-        return self.norm(x)
+        return self.norm(x[:, -1] if last_only else x)
 
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Scores [B, L, N + 1] of every item at every position of histories [B, L] (`last_only`:
@@ -136,20 +151,19 @@ class SASRec(nn.Module):
         if x.dim() == 3:  # history and candidate items per position
             hidden = self.encode(x[..., 0])
             return (hidden[:, :, None, :] * self.item_embedding(x[..., 1:])).sum(-1)
-        hidden = self.encode(x)
+        hidden = self.encode(x, last_only)
         if last_only:
-            scores = score_rows(hidden[:, -1], self.item_embedding.weight)
+            scores = score_rows(hidden, self.item_embedding.weight)
         else:
             scores = hidden @ self.item_embedding.weight.t()
         scores[..., 0] = float("-inf")
         return scores
 
     @torch.no_grad()
-    def score_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
-        """Scores of every item [len(histories), N + 1] after each whole history (its newest
-        max_len items), column 0 = -inf: one forward over the histories padded to max_len, then
-        the item-table matmul in blocks of SCORE_BLOCK rows. A history's scores are the same bits
-        whatever else is in its batch (see `score_rows`)."""
+    def hidden_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
+        """Hidden state [len(histories), H] after each whole history (its newest max_len items):
+        one forward over the histories padded to max_len. The same bits for a history whatever
+        else is in its batch (row-wise layers run in ROW_BLOCK rows)."""
         device = self.item_embedding.weight.device
         length = self.config.max_len
         batch = torch.zeros(len(histories), length, dtype=torch.long)
@@ -157,45 +171,104 @@ class SASRec(nn.Module):
             h = list(h)[-length:]
             if h:
                 batch[row, -len(h):] = torch.as_tensor(h, dtype=torch.long)
-        return self(batch.to(device), last_only=True)
+        return self.encode(batch.to(device), last_only=True)
+
+    @torch.no_grad()
+    def score_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
+        """Scores of every item [len(histories), N + 1] after each whole history, column 0 = -inf,
+        in float32 (float64 for a float64 model): `hidden_last` then one item-table matmul."""
+        scores = score_rows(self.hidden_last(histories), self.item_embedding.weight)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.no_grad()
+    def recommend_rows(self, histories: list[Any], ks: list[int],
+                       excludes: list[Any]) -> list[tuple[list[int], list[float]]]:
+        """`recommend` for many histories at once (each its own k and exclusions): one forward,
+        one item-table matmul, `top_k_rows`. Each answer is what the history alone would get."""
+        return top_k_rows(self.hidden_last(histories), self.item_embedding.weight, ks, excludes)
 
     @torch.no_grad()
     def recommend(self, history: list[int], k: int = 10, exclude_seen: bool = True) -> tuple[list[int], list[float]]:
         """The top `k` items after `history` (item indices 1..N) and their scores."""
-        return top_k(self.score_last([history])[0], k, history if exclude_seen else ())
+        return self.recommend_rows([history], [k], [history if exclude_seen else []])[0]
 
 
-# Rows of one item-table matmul. A GEMM's result for a row can depend on how many rows it has (small
-# ones take other kernels: here 1-3 rows on one thread, 5-11 on two); every block having this many
-# rows makes a history's scores independent of its batch.
-SCORE_BLOCK = 16
+# Rows of one row-wise layer call on the serving path. A GEMM's result for a row can depend on how
+# many rows it has (small ones take other kernels: here 1-3 rows on one thread, 5-11 on two); every
+# call having this many rows makes a history's hidden state independent of its batch.
+ROW_BLOCK = 16
+
+
+def in_row_blocks(fn: Any, rows: torch.Tensor) -> torch.Tensor:
+    """fn over rows [B, D] ROW_BLOCK rows at a time (the last block zero-padded), so that each
+    row's result is the same bits whatever B is."""
+    count = rows.shape[0]
+    padded = -(-count // ROW_BLOCK) * ROW_BLOCK
+    if padded != count:
+        rows = torch.cat([rows, rows.new_zeros(padded - count, *rows.shape[1:])])
+    return torch.cat([fn(rows[i:i + ROW_BLOCK]) for i in range(0, padded, ROW_BLOCK)])[:count]
 
 
 def score_rows(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """hidden [B, H] @ table.T [H, N + 1] in float32 (float64 for a float64 model), computed
-    SCORE_BLOCK rows at a time (the last block zero-padded), so each row's scores are the same bits
-    whatever B is."""
+    """hidden [B, H] @ table.T [H, N + 1], in float32 whatever the autocast (float64 for a float64
+    model). Its low bits may depend on B (the kernel a GEMM picks); `top_k_rows` does not."""
     dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-    hidden, table = hidden.to(dtype), table.to(dtype)
-    rows = hidden.shape[0]
-    padded = -(-rows // SCORE_BLOCK) * SCORE_BLOCK
-    if padded != rows:
-        hidden = torch.cat([hidden, hidden.new_zeros(padded - rows, hidden.shape[1])])
     with torch.autocast(hidden.device.type, enabled=False):
-        return torch.cat([hidden[i:i + SCORE_BLOCK] @ table.t() for i in range(0, padded, SCORE_BLOCK)])[:rows]
+        return hidden.to(dtype) @ table.to(dtype).t()
 
 
-def top_k(scores: torch.Tensor, k: int, exclude: Any = ()) -> tuple[list[int], list[float]]:
-    """The `k` best items of one score row [N + 1], leaving out `exclude`; ties go to the lower id."""
-    items, values = top_k_rows(scores[None], [k], [exclude])[0]
-    return items, values
+def _unit_roundoff(table: torch.Tensor) -> float:
+    """The rounding unit of a matmul over `table`: float32's, or what TF32/bf16 matmuls allow."""
+    if table.dtype == torch.float64:
+        return 2.0**-53
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0**-8
+    if precision == "high" or (table.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        return 2.0**-11
+    return 2.0**-24
 
 
-def top_k_rows(scores: torch.Tensor, ks: list[int], excludes: list[Any]) -> list[tuple[list[int], list[float]]]:
-    """`top_k` of every row of scores [B, N + 1] at once (each row its own k and exclusions): one
-    top-k over the batch, then ties at each row's cut-off resolved to the lower ids, so the answer
-    does not depend on the kernel or on the other rows."""
-    scores = torch.nan_to_num(scores, nan=float("-inf"))  # a copy; a NaN is never recommended
+_NORMS: dict[tuple[int, int, tuple[int, ...]], float] = {}
+
+
+def _max_row_norm(table: torch.Tensor) -> float:
+    key = (table.data_ptr(), table._version, tuple(table.shape))
+    if key not in _NORMS:
+        if len(_NORMS) > 8:
+            _NORMS.clear()
+        norms = torch.nan_to_num(table.double().norm(dim=1), nan=0.0, posinf=0.0)  # a NaN item never scores
+        _NORMS[key] = float(norms.max()) if table.shape[0] else 0.0
+    return _NORMS[key]
+
+
+def exact_dots(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """rows [C, H] . vector [H] in float64, the same bits whatever C, the device or the threads:
+    the products of float32 values are exact in float64, and they are added in one fixed pairwise
+    order by elementwise additions (no reduction kernel, whose order can vary)."""
+    products = rows.double() * vector.double()
+    width = 1 << max(0, products.shape[1] - 1).bit_length()
+    if width != products.shape[1]:
+        products = F.pad(products, (0, width - products.shape[1]))
+    while products.shape[1] > 1:
+        half = products.shape[1] // 2
+        products = products[:, :half] + products[:, half:]
+    return products[:, 0]
+
+
+def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int],
+               excludes: list[Any]) -> list[tuple[list[int], list[float]]]:
+    """The `ks[r]` best items (1..N) after hidden row r [B, H] and their scores, leaving out
+    `excludes[r]`; highest first, equal scores by ascending id.
+
+    One matmul scores the whole table; its result can differ in the last bits with the batch (a
+    GEMM picks its kernel by shape), so it only finds candidates: every item within twice the
+    matmul's error bound (gamma_H * |h| * max|t|, any summation order) of the k-th best surely
+    holds the true top k. Their scores are recomputed by `exact_dots`, which ranks them, so an
+    answer is the same bits whatever else is in the batch, the kernel or the thread count."""
+    scores = torch.nan_to_num(score_rows(hidden, table), nan=float("-inf"))  # a NaN is never recommended
+    scores[:, 0] = float("-inf")
     for row, exclude in enumerate(excludes):
         seen = torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=scores.device)
         seen = seen[(seen > 0) & (seen < scores.shape[1])]
@@ -206,24 +279,23 @@ def top_k_rows(scores: torch.Tensor, ks: list[int], excludes: list[Any]) -> list
     width = max(ks, default=0)
     if width == 0:
         return [([], []) for _ in ks]
-    values, items = torch.topk(scores, width, dim=1, sorted=True)
+    cuts = torch.topk(scores, width, dim=1, sorted=True).values
+    size = hidden.shape[1]
+    gamma = size * _unit_roundoff(table) / (1 - size * _unit_roundoff(table))
+    margins = (4 * gamma * _max_row_norm(table)) * hidden.double().norm(dim=1)  # 2 x the bound, x 2 to spare
     out = []
     for row, k in enumerate(ks):
         if k == 0:
             out.append(([], []))
             continue
-        v, i = values[row, :k], items[row, :k]
-        cut = v[-1]
-        if int((scores[row] == cut).sum()) > int((v == cut).sum()):  # more items tie at the cut than were taken
-            above = i[v > cut]
-            tied = torch.nonzero(scores[row] == cut).flatten()[: k - len(above)]
-            i = torch.cat([above, tied])
-            v = scores[row, i]
-        # Highest score first, equal scores by ascending id.
-        order = torch.argsort(i, stable=True)
-        i, v = i[order], v[order]
-        order = torch.argsort(v, descending=True, stable=True)
-        out.append((i[order].tolist(), v[order].double().tolist()))
+        cut = cuts[row, k - 1].double()
+        near = (scores[row].double() >= cut - margins[row]) & torch.isfinite(scores[row])
+        candidates = torch.nonzero(near).flatten()  # ascending ids
+        exact = torch.nan_to_num(exact_dots(table[candidates], hidden[row]), nan=float("-inf"))
+        order = torch.argsort(exact, descending=True, stable=True)[:k]
+        items, values = candidates[order], exact[order]
+        keep = torch.isfinite(values)
+        out.append((items[keep].tolist(), values[keep].tolist()))
     return out
 
 

@@ -1,7 +1,7 @@
 """`lmfleet recsys serve`: a SASRec model behind HTTP, with dynamic micro-batching.
 
     POST /v1/recommendations  {"user_id": "42" | "history": ["50", "172"], "k": 10, "exclude_seen": true}
-    POST /v1/events           {"user_id": "42", "items": ["50"]}    (or "item_id": "50")
+    POST /v1/events           {"user_id": "42", "items": ["50"], "event_id": "..."}    (or "item_id": "50")
     GET  /v1/models, /health, /metrics, /version
 
 A user's history is its sequence in the dataset given with --data, followed by the events posted
@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lmfleet import __version__
 from lmfleet.errors import ConfigError, DataError
-from lmfleet.recsys.model import load_sasrec, top_k_rows
+from lmfleet.recsys.model import load_sasrec
 from lmfleet.recsys.store import HistoryStore, StoreError, StoreTimeout, StoreUnavailable, open_store
 from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, check_access, error_body
@@ -145,7 +145,7 @@ class Recommender:
     @torch.no_grad()
     def score(self, histories: list[list[int]], ks: list[int], excludes: list[list[int]]) -> list[tuple[list[int], list[float]]]:
         """What `model.recommend` gives for each history: one padded forward, one matmul, top-k per row."""
-        return top_k_rows(self.model.score_last(histories), ks, excludes)
+        return self.model.recommend_rows(histories, ks, excludes)
 
     def popularity(self, k: int) -> tuple[list[int], list[float]]:
         return self.popular[:k], self.popular_scores[:k]
@@ -278,6 +278,8 @@ class RecsysMetrics:
                                 labelnames=["model_name", "endpoint", "status"], registry=self.registry)
         self.events = Counter("lmfleet_recsys:events", "Interactions appended through /v1/events.",
                               **kw).labels(model_name)
+        self.event_repeats = Counter("lmfleet_recsys:event_repeats", "Events posted again with an event_id already "
+                                     "appended (acknowledged, not appended).", **kw).labels(model_name)
         self.fallbacks = Counter("lmfleet_recsys:popularity_fallbacks", "Recommendations answered by popularity "
                                  "(a user with no history).", **kw).labels(model_name)
         self.store_errors = Counter("lmfleet_recsys:history_store_errors", "History-store operations that failed.",
@@ -336,6 +338,8 @@ class EventRequest(_Body):
     user_id: StrictStr | StrictInt
     item_id: StrictStr | StrictInt | None = None
     items: list[Any] | None = None
+    event_id: StrictStr | None = Field(default=None, description="Names the event: a repeat of an id already "
+                                       "appended for this user is acknowledged and not appended again.")
 
 
 class RecsysServer:
@@ -388,7 +392,8 @@ class RecsysServer:
                            headers={"Retry-After": "1"}) from None
         except StoreTimeout as exc:  # not 503: a retry on another replica could write an event twice
             self.metrics.store_errors.inc()
-            raise APIError(504, f"{exc}; an event may or may not have been written", "service_unavailable",
+            raise APIError(504, f"{exc}; an event may or may not have been written (one sent with an event_id "
+                                "can be retried: it is written once)", "service_unavailable",
                            code="history_store_timeout") from None
         except StoreError as exc:
             self.metrics.store_errors.inc()
@@ -438,11 +443,16 @@ class RecsysServer:
         values = [body.item_id] if body.item_id is not None else body.items
         if not values or len(values) > MAX_EVENTS_PER_REQUEST:
             raise APIError(400, f"items holds {len(values)} items; send 1 to {MAX_EVENTS_PER_REQUEST}", param="items")
+        event_id = None if body.event_id is None else self.user_id(body.event_id, "event_id")
         indices = self.recommender.items_of(values, "items" if body.items is not None else "item_id")
         ids = [self.recommender.item_ids[i - 1] for i in indices]
-        kept = await self.call_store(self.store.append, user, ids)
-        self.metrics.events.inc(len(ids))
-        return {"object": "events", "user_id": user, "accepted": len(ids), "events_kept": kept}
+        kept, repeat = await self.call_store(self.store.append, user, ids, event_id)
+        if repeat:
+            self.metrics.event_repeats.inc()
+        else:
+            self.metrics.events.inc(len(ids))
+        return {"object": "events", "user_id": user, "accepted": 0 if repeat else len(ids), "repeat": repeat,
+                "events_kept": kept}
 
 
 def build_recsys_app(recommender: Recommender, settings: RecsysSettings, store: HistoryStore | None = None) -> FastAPI:

@@ -5,6 +5,10 @@ events posted since, of which the newest `max_events` are kept. `MemoryHistorySt
 events in the process; `RedisHistoryStore` keeps them in Redis lists, so that every replica
 reads what any of them wrote. An event is acknowledged only once the store has it; a store that
 cannot be reached raises `StoreUnavailable` (the server answers 503 and the client retries).
+
+An event may carry a client-chosen id: the store remembers the ids it appended (per user; the
+newest `DEDUP_EVENTS` in memory, `DEDUP_TTL_S` in Redis), so a retry of an event whose answer
+was lost (a timeout) is acknowledged without being appended twice.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class StoreError(LmfleetError):
 
 
 PASSWORD_ENV = "LMFLEET_REDIS_PASSWORD"  # the Redis password, when the URL carries none
+DEDUP_EVENTS = 100_000  # event ids the in-memory store remembers (all users together; < 50 MB)
+DEDUP_TTL_S = 24 * 3600  # how long Redis remembers an event id
 
 
 class HistoryStore:
@@ -39,8 +45,9 @@ class HistoryStore:
     max_events: int
     blocking = True  # its calls do I/O: the server makes them on a worker thread
 
-    def append(self, user: str, items: list[str]) -> int:
-        """Append `items` to `user`'s events atomically; the number of events now kept."""
+    def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
+        """Append `items` to `user`'s events atomically, unless `event_id` was appended before for
+        this user; (the number of events now kept, whether it was such a repeat)."""
         raise NotImplementedError
 
     def events(self, users: list[str]) -> list[list[str]]:
@@ -65,10 +72,17 @@ class MemoryHistoryStore(HistoryStore):
     def __init__(self, max_events: int, max_users: int = 1_000_000):
         self.max_events, self.max_users = max_events, max_users
         self._events: OrderedDict[str, list[str]] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (user, event id), oldest first
         self._lock = threading.Lock()
 
-    def append(self, user: str, items: list[str]) -> int:
+    def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
         with self._lock:
+            if event_id is not None:
+                if (user, event_id) in self._seen:
+                    return len(self._events.get(user, ())), True
+                self._seen[(user, event_id)] = None
+                if len(self._seen) > DEDUP_EVENTS:
+                    self._seen.popitem(last=False)
             kept = self._events.get(user)
             if kept is None:
                 while len(self._events) >= self.max_users:
@@ -78,7 +92,7 @@ class MemoryHistoryStore(HistoryStore):
                 self._events.move_to_end(user)
             kept.extend(items)
             del kept[:-self.max_events]
-            return len(kept)
+            return len(kept), False
 
     def events(self, users: list[str]) -> list[list[str]]:
         with self._lock:
@@ -88,8 +102,21 @@ class MemoryHistoryStore(HistoryStore):
         return f"memory (up to {self.max_events} events per user, {self.max_users:,} users)"
 
 
+# KEYS: the user's event list, the event id's key ('' without one); ARGV: max events, id TTL, items.
+APPEND_SCRIPT = """
+if KEYS[2] ~= '' and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return {redis.call('LLEN', KEYS[1]), 1}
+end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+return {redis.call('LLEN', KEYS[1]), 0}
+"""
+
+
 class RedisHistoryStore(HistoryStore):
-    """Events in Redis lists `<prefix>:events:<user>`: RPUSH then LTRIM in one MULTI/EXEC, LRANGE to read."""
+    """Events in Redis lists `<prefix>:events:<user>`, appended (RPUSH, LTRIM, and the event id's
+    `SET NX EX` under `<prefix>:event:<len(user)>:<user>:<event id>`) by one Lua script, which Redis
+    runs atomically; LRANGE to read."""
 
     def __init__(self, url: str, max_events: int, prefix: str, timeout_s: float = 1.0):
         try:
@@ -105,6 +132,7 @@ class RedisHistoryStore(HistoryStore):
         password = None if parsed.password else os.environ.get(PASSWORD_ENV) or None
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry_on_timeout=False, password=password)
+        self._append = self.client.register_script(APPEND_SCRIPT)
 
     def _key(self, user: str) -> str:
         return f"{self.prefix}:events:{user}"
@@ -124,13 +152,13 @@ class RedisHistoryStore(HistoryStore):
         parsed = urlparse(self.url)
         return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 6379}{parsed.path or ''}"
 
-    def append(self, user: str, items: list[str]) -> int:
-        def run() -> int:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.rpush(self._key(user), *items)
-            pipe.ltrim(self._key(user), -self.max_events, -1)
-            pipe.llen(self._key(user))
-            return int(pipe.execute()[-1])
+    def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
+        # The user's length in the id key keeps ("a:b", "c") and ("a", "b:c") apart.
+        seen = "" if event_id is None else f"{self.prefix}:event:{len(user)}:{user}:{event_id}"
+
+        def run() -> tuple[int, bool]:
+            kept, repeat = self._append(keys=[self._key(user), seen], args=[self.max_events, DEDUP_TTL_S, *items])
+            return int(kept), bool(repeat)
 
         return self._call("append", run)
 
