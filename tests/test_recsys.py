@@ -157,6 +157,10 @@ def test_sasrec_is_causal_and_ignores_padding() -> None:
     assert scores[0, -1, 0] == float("-inf")
     items, values = model.recommend([5, 9, 2, 7, 4], k=5)
     assert len(items) == 5 and not {5, 9, 2, 7, 4} & set(items) and values == sorted(values, reverse=True)
+    # A history covering all but two items gets those two, never the padding index 0 (it came back
+    # as a third item, scored -1.8e308, which the server named as the catalog's last item).
+    assert sorted(model.recommend(list(range(1, 29)), k=5)[0]) == [29, 30]
+    assert model.recommend(list(range(1, 31)), k=5) == ([], [])
 
 
 def test_top_k_is_the_exact_ranking_whatever_the_batch() -> None:
@@ -198,6 +202,29 @@ def test_top_k_is_the_exact_ranking_whatever_the_batch() -> None:
             batched += top_k_rows(hidden[start : start + size], table, ks[start : start + size],
                                   excludes[start : start + size])
         assert batched == alone, size
+
+
+@pytest.mark.parametrize("max_len", [2, 6, 50])
+def test_recommendations_are_the_same_bits_alone_or_batched_on_one_or_two_threads(max_len) -> None:
+    """A float32 model's hidden states and answers for 40 histories, one at a time and all together,
+    on one and on two threads: identical (short max_len put a batch of one into other GEMM kernels)."""
+    config = SASRecConfig(num_items=300, max_len=max_len, hidden_size=64, num_layers=2, num_heads=2)
+    model = build_sasrec(config, seed=0).eval()
+    gen = torch.Generator().manual_seed(max_len)
+    histories = [torch.randint(1, 301, (int(n),), generator=gen).tolist() for n in torch.randint(1, 10, (40,), generator=gen)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            alone = torch.cat([model.hidden_last([h]) for h in histories])
+            results.append((alone, [model.recommend(h, 10) for h in histories]))
+            results.append((model.hidden_last(histories), model.recommend_rows(histories, [10] * 40, histories)))
+    finally:
+        torch.set_num_threads(threads)
+    for hidden, answers in results[1:]:
+        assert torch.equal(hidden, results[0][0])
+        assert answers == results[0][1]
 
 
 def test_loss_matches_a_hand_computation() -> None:
@@ -551,6 +578,9 @@ def test_an_event_changes_the_next_recommendation_as_offline(trained, recsys_ser
     # A retry of the same event (its answer lost) is acknowledged and not appended again.
     again = _post_events(recsys_server, {"user_id": user, "item_id": item, "event_id": "e-1"}).json()
     assert again["repeat"] is True and again["accepted"] == 0 and again["events_kept"] == 1, again
+    # The same id for other items is refused, and nothing is written.
+    reused = _post_events(recsys_server, {"user_id": user, "items": item_ids[:2], "event_id": "e-1"})
+    assert reused.status_code == 409 and reused.json()["error"]["code"] == "event_id_conflict", reused.text
     after = _recommend(recsys_server, {"user_id": user, "k": 5}).json()
     history = data.sequence(30).tolist() + [item_ids.index(item) + 1]
     items, scores = model.recommend(history, k=5)
@@ -693,6 +723,8 @@ def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stop
         event = {"user_id": user, "item_id": first, "event_id": "click-1"}
         assert _post_events(url_a, event).json()["repeat"] is False
         assert _post_events(url_b, event).json()["repeat"] is True  # a retry through the other server
+        reused = _post_events(url_b, {**event, "item_id": item_ids[0] if first != item_ids[0] else item_ids[1]})
+        assert reused.status_code == 409 and reused.json()["error"]["code"] == "event_id_conflict", reused.text
         # Event ids are per user, whatever the characters: ("a:b", "c") is not ("a", "b:c").
         assert _post_events(url_a, {"user_id": "a:b", "item_id": first, "event_id": "c"}).json()["repeat"] is False
         assert _post_events(url_a, {"user_id": "a", "item_id": first, "event_id": "b:c"}).json()["repeat"] is False

@@ -161,17 +161,23 @@ class SASRec(nn.Module):
 
     @torch.no_grad()
     def hidden_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
-        """Hidden state [len(histories), H] after each whole history (its newest max_len items):
-        one forward over the histories padded to max_len. The same bits for a history whatever
-        else is in its batch (row-wise layers run in ROW_BLOCK rows)."""
+        """Hidden state [len(histories), H] after each whole history (its newest max_len items).
+        The histories are padded to max_len and encoded ENCODE_ROWS // max_len (at least 1) at a
+        time, the last chunk filled with empty histories, so every matmul of the encoder has the
+        same shape whatever the batch, and a history's state is the same bits in any batch."""
         device = self.item_embedding.weight.device
         length = self.config.max_len
-        batch = torch.zeros(len(histories), length, dtype=torch.long)
+        chunk = max(1, -(-ENCODE_ROWS // length))
+        count = len(histories)
+        batch = torch.zeros(-(-count // chunk) * chunk, length, dtype=torch.long)
         for row, h in enumerate(histories):
             h = list(h)[-length:]
             if h:
                 batch[row, -len(h):] = torch.as_tensor(h, dtype=torch.long)
-        return self.encode(batch.to(device), last_only=True)
+        if count == 0:
+            return self.item_embedding.weight.new_zeros(0, self.config.hidden_size)
+        batch = batch.to(device)
+        return torch.cat([self.encode(batch[i:i + chunk], last_only=True) for i in range(0, len(batch), chunk)])[:count]
 
     @torch.no_grad()
     def score_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
@@ -194,9 +200,11 @@ class SASRec(nn.Module):
         return self.recommend_rows([history], [k], [history if exclude_seen else []])[0]
 
 
-# Rows of one row-wise layer call on the serving path. A GEMM's result for a row can depend on how
-# many rows it has (small ones take other kernels: here 1-3 rows on one thread, 5-11 on two); every
-# call having this many rows makes a history's hidden state independent of its batch.
+# A GEMM's result for a row can depend on how many rows it has (small ones take other kernels: here
+# 1-3 rows on one thread, 5-11 on two). On the serving path every matmul has a fixed shape: the
+# encoder takes ceil(ENCODE_ROWS / max_len) histories at a time, the last layer's row-wise part
+# ROW_BLOCK rows at a time.
+ENCODE_ROWS = 256
 ROW_BLOCK = 16
 
 
@@ -219,35 +227,34 @@ def score_rows(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_roundoff(table: torch.Tensor) -> float:
-    """The rounding unit of a matmul over `table`: float32's, or what TF32/bf16 matmuls allow."""
+    """A bound on the rounding unit of a matmul over `table`: float32's, or TF32's/bf16's where
+    PyTorch may use them for float32 matmuls (CUDA's TF32 switch, the matmul precision setting)."""
     if table.dtype == torch.float64:
         return 2.0**-53
-    precision = torch.get_float32_matmul_precision()
+    try:
+        precision = torch.get_float32_matmul_precision()
+        tf32 = table.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the per-backend precision settings are in use: assume the loosest
+        return 2.0**-8
     if precision == "medium":
         return 2.0**-8
-    if precision == "high" or (table.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+    if precision == "high" or tf32:
         return 2.0**-11
     return 2.0**-24
 
 
-_NORMS: dict[tuple[int, int, tuple[int, ...]], float] = {}
+EXACT_CHUNK = 1 << 16  # candidates rescored at a time (bounded memory whatever their number)
 
 
-def _max_row_norm(table: torch.Tensor) -> float:
-    key = (table.data_ptr(), table._version, tuple(table.shape))
-    if key not in _NORMS:
-        if len(_NORMS) > 8:
-            _NORMS.clear()
-        norms = torch.nan_to_num(table.double().norm(dim=1), nan=0.0, posinf=0.0)  # a NaN item never scores
-        _NORMS[key] = float(norms.max()) if table.shape[0] else 0.0
-    return _NORMS[key]
-
-
-def exact_dots(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """rows [C, H] . vector [H] in float64, the same bits whatever C, the device or the threads:
-    the products of float32 values are exact in float64, and they are added in one fixed pairwise
-    order by elementwise additions (no reduction kernel, whose order can vary)."""
-    products = rows.double() * vector.double()
+def exact_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of a [C, H] and b [C, H] in float64, the same bits whatever C, the
+    device or the threads: the products of float32 values are exact in float64, and they are added
+    in one fixed pairwise order by elementwise additions (no reduction kernel, whose order can
+    vary). EXACT_CHUNK rows at a time."""
+    if a.shape[0] > EXACT_CHUNK:
+        return torch.cat([exact_dots(a[i:i + EXACT_CHUNK], b[i:i + EXACT_CHUNK])
+                          for i in range(0, a.shape[0], EXACT_CHUNK)])
+    products = a.double() * b.double()
     width = 1 << max(0, products.shape[1] - 1).bit_length()
     if width != products.shape[1]:
         products = F.pad(products, (0, width - products.shape[1]))
@@ -267,35 +274,52 @@ def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int],
     matmul's error bound (gamma_H * |h| * max|t|, any summation order) of the k-th best surely
     holds the true top k. Their scores are recomputed by `exact_dots`, which ranks them, so an
     answer is the same bits whatever else is in the batch, the kernel or the thread count."""
-    scores = torch.nan_to_num(score_rows(hidden, table), nan=float("-inf"))  # a NaN is never recommended
-    scores[:, 0] = float("-inf")
+    inf = float("inf")
+    if hidden.shape[0] == 0:
+        return []
+    scores = score_rows(hidden, table)
+    scores.masked_fill_(~torch.isfinite(scores), -inf)  # NaN or inf (a broken model): never recommended
+    scores[:, 0] = -inf  # padding, not an item
     for row, exclude in enumerate(excludes):
         seen = torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=scores.device)
         seen = seen[(seen > 0) & (seen < scores.shape[1])]
         if len(seen):
-            scores[row, seen] = float("-inf")
-    finite = torch.isfinite(scores).sum(1).tolist()
-    ks = [min(k, n) for k, n in zip(ks, finite)]
-    width = max(ks, default=0)
-    if width == 0:
+            scores[row, seen] = -inf
+    width = min(max(ks, default=0), scores.shape[1])
+    if width <= 0:
         return [([], []) for _ in ks]
-    cuts = torch.topk(scores, width, dim=1, sorted=True).values
-    size = hidden.shape[1]
-    gamma = size * _unit_roundoff(table) / (1 - size * _unit_roundoff(table))
-    margins = (4 * gamma * _max_row_norm(table)) * hidden.double().norm(dim=1)  # 2 x the bound, x 2 to spare
-    out = []
-    for row, k in enumerate(ks):
-        if k == 0:
-            out.append(([], []))
-            continue
-        cut = cuts[row, k - 1].double()
-        near = (scores[row].double() >= cut - margins[row]) & torch.isfinite(scores[row])
-        candidates = torch.nonzero(near).flatten()  # ascending ids
-        exact = torch.nan_to_num(exact_dots(table[candidates], hidden[row]), nan=float("-inf"))
-        order = torch.argsort(exact, descending=True, stable=True)[:k]
-        items, values = candidates[order], exact[order]
-        keep = torch.isfinite(values)
-        out.append((items[keep].tolist(), values[keep].tolist()))
+    top = torch.topk(scores, width, dim=1, sorted=True).values
+    finite = torch.isfinite(top).sum(1).tolist()  # a row with fewer finite items returns those
+    ks = [min(k, n) for k, n in zip(ks, finite)]
+    size, unit = hidden.shape[1], _unit_roundoff(table)
+    norms = torch.linalg.vector_norm(table.double(), dim=1)
+    norms = norms[torch.isfinite(norms)]  # a non-finite item never scores
+    max_norm = float(norms.max()) if len(norms) else 0.0
+    if size * unit < 0.25:
+        gamma = size * unit / (1 - size * unit)
+        margins = (4 * gamma * max_norm) * hidden.double().norm(dim=1)  # 2 x the bound, x 2 to spare
+    else:  # no useful bound (a very wide model at bf16 precision): every finite item is a candidate
+        margins = torch.full((hidden.shape[0],), inf, dtype=torch.float64, device=hidden.device)
+    cut = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=top.device)[:, None])[:, 0]
+    low = torch.nan_to_num(cut.double() - margins, nan=-inf)
+    # As float32, rounded down; never below the lowest finite score (-inf is never a candidate).
+    threshold = low.to(scores.dtype)
+    below = threshold.double() > low
+    threshold[below] = torch.nextafter(threshold[below], threshold.new_tensor(-inf))
+    threshold = threshold.clamp(min=-torch.finfo(scores.dtype).max)
+    threshold[torch.tensor([k == 0 for k in ks], device=threshold.device)] = inf
+    rows, items = torch.nonzero(scores >= threshold[:, None], as_tuple=True)  # by row, then ascending id
+    exact = exact_dots(table[items], hidden[rows])
+    exact.masked_fill_(~torch.isfinite(exact), -inf)
+    order = torch.sort(exact, descending=True, stable=True).indices  # equal scores keep ascending ids
+    order = order[torch.sort(rows[order], stable=True).indices]  # grouped by row again
+    rows, items, exact = rows[order].tolist(), items[order].tolist(), exact[order].tolist()
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in ks]
+    for row, item, value in zip(rows, items, exact):
+        picked = out[row]
+        if len(picked[0]) < ks[row] and value != -inf:  # (-inf sorts last: nothing finite follows)
+            picked[0].append(item)
+            picked[1].append(value)
     return out
 
 

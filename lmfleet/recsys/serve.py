@@ -14,7 +14,7 @@ on the other requests of its batch, so a batched answer is the offline `model.re
 A user with no history (unknown to the dataset, no events) gets the most popular training items
 (`"source": "popularity"`), or 404 with `cold_start="error"`. Errors are OpenAI-shaped JSON:
 4xx for client mistakes (the message names the field), 429 when the queue is full, 503 while the
-history store is unreachable (nothing was written: retry).
+history store is unreachable (retry; an event with an `event_id` is written once).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from lmfleet import __version__
 from lmfleet.errors import ConfigError, DataError
 from lmfleet.recsys.model import load_sasrec
-from lmfleet.recsys.store import HistoryStore, StoreError, StoreTimeout, StoreUnavailable, open_store
+from lmfleet.recsys.store import EventConflict, HistoryStore, StoreError, StoreTimeout, StoreUnavailable, open_store
 from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, check_access, error_body
 from lmfleet.serve.http_rules import BodyLimit, install_error_handlers
@@ -388,7 +388,8 @@ class RecsysServer:
             return fn(*args)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
-            raise APIError(503, f"{exc}; nothing was written, retry", code="history_store_unavailable",
+            raise APIError(503, f"{exc}; retry (an event sent with an event_id is written once)",
+                           code="history_store_unavailable",
                            headers={"Retry-After": "1"}) from None
         except StoreTimeout as exc:  # not 503: a retry on another replica could write an event twice
             self.metrics.store_errors.inc()
@@ -398,6 +399,9 @@ class RecsysServer:
         except StoreError as exc:
             self.metrics.store_errors.inc()
             raise APIError(502, str(exc), "server_error", code="history_store_error") from None
+        except EventConflict as exc:
+            raise APIError(409, f"{exc}; nothing was written (an event id names one event: use a new one)",
+                           param="event_id", code="event_id_conflict") from None
 
     async def recommend(self, body: RecommendationRequest) -> dict[str, Any]:
         s, r = self.settings, self.recommender

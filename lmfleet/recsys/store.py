@@ -6,13 +6,16 @@ events in the process; `RedisHistoryStore` keeps them in Redis lists, so that ev
 reads what any of them wrote. An event is acknowledged only once the store has it; a store that
 cannot be reached raises `StoreUnavailable` (the server answers 503 and the client retries).
 
-An event may carry a client-chosen id: the store remembers the ids it appended (per user; the
-newest `DEDUP_EVENTS` in memory, `DEDUP_TTL_S` in Redis), so a retry of an event whose answer
-was lost (a timeout) is acknowledged without being appended twice.
+An event may carry a client-chosen id: the store remembers the ids it appended (per user, with a
+digest of the items; the newest `DEDUP_EVENTS` in memory, `DEDUP_TTL_S` in Redis), so a retry of
+an event whose answer was lost (a timeout) is acknowledged without being appended twice, and an
+id reused for other items is refused (`EventConflict`) rather than silently dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -34,9 +37,18 @@ class StoreError(LmfleetError):
     """The history store refused the operation (a reply error: wrong type, auth, read-only...)."""
 
 
+class EventConflict(LmfleetError):
+    """An event id already appended for this user with other items: nothing was written."""
+
+
 PASSWORD_ENV = "LMFLEET_REDIS_PASSWORD"  # the Redis password, when the URL carries none
-DEDUP_EVENTS = 100_000  # event ids the in-memory store remembers (all users together; < 50 MB)
+DEDUP_EVENTS = 100_000  # event ids the in-memory store remembers (all users together; ~150 MB at most)
 DEDUP_TTL_S = 24 * 3600  # how long Redis remembers an event id
+
+
+def items_digest(items: list[str]) -> str:
+    """What an event id remembers of its items (to tell a retry from a reuse)."""
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
 
 
 class HistoryStore:
@@ -47,7 +59,8 @@ class HistoryStore:
 
     def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
         """Append `items` to `user`'s events atomically, unless `event_id` was appended before for
-        this user; (the number of events now kept, whether it was such a repeat)."""
+        this user (with the same items; with others: EventConflict); (the number of events now
+        kept, whether it was such a repeat)."""
         raise NotImplementedError
 
     def events(self, users: list[str]) -> list[list[str]]:
@@ -72,15 +85,19 @@ class MemoryHistoryStore(HistoryStore):
     def __init__(self, max_events: int, max_users: int = 1_000_000):
         self.max_events, self.max_users = max_events, max_users
         self._events: OrderedDict[str, list[str]] = OrderedDict()
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (user, event id), oldest first
+        self._seen: OrderedDict[tuple[str, str], str] = OrderedDict()  # (user, event id) -> items digest
         self._lock = threading.Lock()
 
     def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
         with self._lock:
             if event_id is not None:
-                if (user, event_id) in self._seen:
+                digest = items_digest(items)
+                seen = self._seen.get((user, event_id))
+                if seen is not None:
+                    if seen != digest:
+                        raise EventConflict(f"event_id {event_id!r} was already used for other items")
                     return len(self._events.get(user, ())), True
-                self._seen[(user, event_id)] = None
+                self._seen[(user, event_id)] = digest
                 if len(self._seen) > DEDUP_EVENTS:
                     self._seen.popitem(last=False)
             kept = self._events.get(user)
@@ -102,21 +119,28 @@ class MemoryHistoryStore(HistoryStore):
         return f"memory (up to {self.max_events} events per user, {self.max_users:,} users)"
 
 
-# KEYS: the user's event list, the event id's key ('' without one); ARGV: max events, id TTL, items.
+# KEYS: the user's event list [, the event id's key]; ARGV: max events, id TTL, items digest, items.
+# A known id answers before anything is written; the id is recorded only after the items are (a
+# failing RPUSH leaves no id behind, so its retry is not mistaken for a repeat).
 APPEND_SCRIPT = """
-if KEYS[2] ~= '' and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
-  return {redis.call('LLEN', KEYS[1]), 1}
+if #KEYS == 2 then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then
+    if seen ~= ARGV[3] then return {redis.call('LLEN', KEYS[1]), 2} end
+    return {redis.call('LLEN', KEYS[1]), 1}
+  end
 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+if #KEYS == 2 then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2]) end
 return {redis.call('LLEN', KEYS[1]), 0}
 """
 
 
 class RedisHistoryStore(HistoryStore):
     """Events in Redis lists `<prefix>:events:<user>`, appended (RPUSH, LTRIM, and the event id's
-    `SET NX EX` under `<prefix>:event:<len(user)>:<user>:<event id>`) by one Lua script, which Redis
-    runs atomically; LRANGE to read."""
+    digest of its items under `<prefix>:event:<len(user)>:<user>:<event id>`, expiring) by one Lua
+    script, which Redis runs atomically; LRANGE to read."""
 
     def __init__(self, url: str, max_events: int, prefix: str, timeout_s: float = 1.0):
         try:
@@ -154,13 +178,18 @@ class RedisHistoryStore(HistoryStore):
 
     def append(self, user: str, items: list[str], event_id: str | None = None) -> tuple[int, bool]:
         # The user's length in the id key keeps ("a:b", "c") and ("a", "b:c") apart.
-        seen = "" if event_id is None else f"{self.prefix}:event:{len(user)}:{user}:{event_id}"
+        keys = [self._key(user)]
+        if event_id is not None:
+            keys.append(f"{self.prefix}:event:{len(user)}:{user}:{event_id}")
 
-        def run() -> tuple[int, bool]:
-            kept, repeat = self._append(keys=[self._key(user), seen], args=[self.max_events, DEDUP_TTL_S, *items])
-            return int(kept), bool(repeat)
+        def run() -> tuple[int, int]:
+            kept, status = self._append(keys=keys, args=[self.max_events, DEDUP_TTL_S, items_digest(items), *items])
+            return int(kept), int(status)
 
-        return self._call("append", run)
+        kept, status = self._call("append", run)
+        if status == 2:
+            raise EventConflict(f"event_id {event_id!r} was already used for other items")
+        return kept, status == 1
 
     def events(self, users: list[str]) -> list[list[str]]:
         def run() -> list[list[str]]:
@@ -175,7 +204,8 @@ class RedisHistoryStore(HistoryStore):
         self._call("ping", self.client.ping)
 
     def describe(self) -> str:
-        return f"redis {self._safe_url()} (up to {self.max_events} events per user, keys {self.prefix}:events:*)"
+        return (f"redis {self._safe_url()} (up to {self.max_events} events per user, keys {self.prefix}:events:* "
+                f"and event ids {self.prefix}:event:*)")
 
     def close(self) -> None:
         self.client.close()

@@ -43,7 +43,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 label="validation loss (softmax over the catalog)" if recsys else "validation loss")
     handles, labels = ax.get_legend_handles_labels()
     if recsys:
-        ax.set_xlabel("training positions seen (a next item predicted at each)")
+        ax.set_xlabel("training positions seen (batch x sequence length, padding included)")
         ax.set_ylabel("training loss (nats per position)")
         quality = ax.twinx()
         for key, color in (("val_ndcg@10", "tab:green"), ("val_hr@10", "tab:red")):
