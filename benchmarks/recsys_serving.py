@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="fixed rate: connections")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="rate", help=argparse.SUPPRESS)

@@ -821,7 +821,9 @@ def test_ray_replicas_answer_through_one_endpoint_with_shared_histories(trained,
             if len(served) == 2:
                 break
         assert len(served) == 2 and all(v > 0 for v in served.values()), served  # both replicas answered
-        status = run_cli("status", "--json")  # `lmfleet status` finds the recommender's application
+        # `lmfleet status` finds the recommender's application (in its own process: in this one it
+        # would leave a Ray driver connected to a cluster that goes away with the server).
+        status = subprocess.run([lmfleet, "status", "--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
         assert report["name"] == "lmfleet-recsys" and report["kind"] == "recsys", report

@@ -31,7 +31,13 @@ WEDGED_AFTER_S = 60.0
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
 class RecsysReplica(AppReplica):
     def __init__(self, model_dir: str, data_dir: str | None, settings: dict[str, Any], key_digests: list[str]):
-        from lmfleet.recsys.serve import MicroBatcher, Recommender, RecsysSettings, build_recsys_app
+        from lmfleet.recsys.serve import (
+            MicroBatcher,
+            Recommender,
+            RecsysSettings,
+            build_recsys_app,
+            freeze_loaded_objects,
+        )
 
         settings = RecsysSettings(**settings)
         recommender = Recommender(model_dir, data_dir)
@@ -42,6 +48,7 @@ class RecsysReplica(AppReplica):
         self.server.batcher = MicroBatcher(recommender, self.server.settings, self.server.metrics)
         self.server.batcher.start(asyncio.get_event_loop())
         self.serve_app(self.app, self.server.metrics.render)
+        freeze_loaded_objects()
 
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose scoring loop stopped, or holds requests and has

@@ -188,11 +188,13 @@ class SASRec(nn.Module):
         return scores
 
     @torch.no_grad()
-    def recommend_rows(self, histories: list[Any], ks: list[int],
-                       excludes: list[Any]) -> list[tuple[list[int], list[float]]]:
+    def recommend_rows(self, histories: list[Any], ks: list[int], excludes: list[Any],
+                       max_norm: float | None = None) -> list[tuple[list[int], list[float]]]:
         """`recommend` for many histories at once (each its own k and exclusions): one forward,
-        one item-table matmul, `top_k_rows`. Each answer is what the history alone would get."""
-        return top_k_rows(self.hidden_last(histories), self.item_embedding.weight, ks, excludes)
+        one item-table matmul, `top_k_rows` (`max_norm`: the table's `max_item_norm`, computed
+        once by a caller whose weights do not change). Each answer is what the history alone
+        would get."""
+        return top_k_rows(self.hidden_last(histories), self.item_embedding.weight, ks, excludes, max_norm)
 
     @torch.no_grad()
     def recommend(self, history: list[int], k: int = 10, exclude_seen: bool = True) -> tuple[list[int], list[float]]:
@@ -204,7 +206,7 @@ class SASRec(nn.Module):
 # 1-3 rows on one thread, 5-11 on two). On the serving path every matmul has a fixed shape: the
 # encoder takes ceil(ENCODE_ROWS / max_len) histories at a time, the last layer's row-wise part
 # ROW_BLOCK rows at a time.
-ENCODE_ROWS = 256
+ENCODE_ROWS = 128
 ROW_BLOCK = 16
 
 
@@ -264,8 +266,15 @@ def exact_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return products[:, 0]
 
 
-def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int],
-               excludes: list[Any]) -> list[tuple[list[int], list[float]]]:
+def max_item_norm(table: torch.Tensor) -> float:
+    """The largest Euclidean norm of a finite item row (a non-finite item never scores)."""
+    norms = torch.linalg.vector_norm(table.detach().float(), dim=1)
+    norms = norms[torch.isfinite(norms)]
+    return float(norms.max()) * (1 + 1e-6) if len(norms) else 0.0  # (1 + 1e-6): the norm's own rounding
+
+
+def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int], excludes: list[Any],
+               max_norm: float | None = None) -> list[tuple[list[int], list[float]]]:
     """The `ks[r]` best items (1..N) after hidden row r [B, H] and their scores, leaving out
     `excludes[r]`; highest first, equal scores by ascending id.
 
@@ -278,13 +287,14 @@ def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int],
     if hidden.shape[0] == 0:
         return []
     scores = score_rows(hidden, table)
-    scores.masked_fill_(~torch.isfinite(scores), -inf)  # NaN or inf (a broken model): never recommended
+    scores.nan_to_num_(nan=-inf, posinf=-inf, neginf=-inf)  # NaN or inf (a broken model): never recommended
     scores[:, 0] = -inf  # padding, not an item
-    for row, exclude in enumerate(excludes):
-        seen = torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=scores.device)
-        seen = seen[(seen > 0) & (seen < scores.shape[1])]
-        if len(seen):
-            scores[row, seen] = -inf
+    seen = [np.asarray(exclude, dtype=np.int64).ravel() for exclude in excludes]
+    rows = np.repeat(np.arange(len(seen)), [len(x) for x in seen])
+    cols = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+    inside = (cols > 0) & (cols < scores.shape[1])
+    if inside.any():
+        scores[torch.from_numpy(rows[inside]).to(scores.device), torch.from_numpy(cols[inside]).to(scores.device)] = -inf
     width = min(max(ks, default=0), scores.shape[1])
     if width <= 0:
         return [([], []) for _ in ks]
@@ -292,9 +302,8 @@ def top_k_rows(hidden: torch.Tensor, table: torch.Tensor, ks: list[int],
     finite = torch.isfinite(top).sum(1).tolist()  # a row with fewer finite items returns those
     ks = [min(k, n) for k, n in zip(ks, finite)]
     size, unit = hidden.shape[1], _unit_roundoff(table)
-    norms = torch.linalg.vector_norm(table.double(), dim=1)
-    norms = norms[torch.isfinite(norms)]  # a non-finite item never scores
-    max_norm = float(norms.max()) if len(norms) else 0.0
+    if max_norm is None:
+        max_norm = max_item_norm(table)
     if size * unit < 0.25:
         gamma = size * unit / (1 - size * unit)
         margins = (4 * gamma * max_norm) * hidden.double().norm(dim=1)  # 2 x the bound, x 2 to spare

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmfleet import __version__
 from lmfleet.engine import AsyncLLMEngine
@@ -26,7 +26,7 @@ from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError, Req
 from lmfleet.engine.engine import RequestOutput
 from lmfleet.serve import protocol as P
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, Frontend, ServeSettings, error_body, merge_streams
-from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit, install_error_handlers
+from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit, install_error_handlers, install_metrics_and_version
 
 
 class _SSEResponse(StreamingResponse):
@@ -331,14 +331,7 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=P.error_responses(401))
-    async def prometheus(key: str = Depends(authorize)) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
-
+    install_metrics_and_version(app, metrics.render, authorize, P.error_responses(401))
     return app
 
 

@@ -8,9 +8,9 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet.serve.frontend import APIError
@@ -127,3 +127,17 @@ def install_error_handlers(app: FastAPI, error_response: Callable[..., JSONRespo
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def install_metrics_and_version(app: FastAPI, render: Callable[[], bytes], authorize: Callable[..., Any],
+                                metrics_responses: dict[int | str, Any] | None = None) -> None:
+    """GET /metrics (Prometheus text from `render`, behind `authorize`) and GET /version."""
+    from lmfleet import __version__
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=metrics_responses)
+    async def prometheus(key: str = Depends(authorize)) -> Response:
+        return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
