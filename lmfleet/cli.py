@@ -240,6 +240,9 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides [train] steps).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in steps.")] = None,
     nproc: Annotated[int, typer.Option(help="Worker processes on this node (1: in-process, no launcher).")] = 1,
+    metrics_port: Annotated[int | None, typer.Option(help="Rank 0 serves Prometheus /metrics (lmfleet_train:*) on this "
+                                                     "port during the run (overrides [train] metrics_port; host: "
+                                                     "train.metrics_host, 127.0.0.1).")] = None,
     nnodes: Annotated[str, typer.Option(help="Nodes taking part, N or MIN:MAX (elastic: nodes may leave down to "
                                         "MIN and join up to MAX; the group restarts at the new size from the "
                                         "last checkpoint). More than one needs --rdzv-endpoint.")] = "1",
@@ -268,7 +271,8 @@ def train(
 
     config = _train_config(config_path, overrides, {
         "data.dir": data, "train.out_dir": out_dir, "train.steps": steps, "checkpoint.every": checkpoint_every,
-        "train.strategy": strategy, "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": pp_schedule})
+        "train.strategy": strategy, "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": pp_schedule,
+        "train.metrics_port": metrics_port})
     min_nodes, max_nodes = parse_nnodes(nnodes)
     spec = LaunchSpec(nproc=nproc, nnodes=min_nodes, max_nnodes=max_nodes, node_rank=node_rank,
                       rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf, max_restarts=max_restarts, resume=resume,
@@ -558,6 +562,9 @@ def recsys_train(
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest complete checkpoint.")] = False,
     checkpoint_on_sigterm: Annotated[bool, typer.Option(help="On SIGTERM, finish the current step, checkpoint it "
                                                         "and exit 0.")] = True,
+    metrics_port: Annotated[int | None, typer.Option(help="Rank 0 serves Prometheus /metrics (lmfleet_train:*) on this "
+                                                     "port during the run (overrides [train] metrics_port; host: "
+                                                     "train.metrics_host, 127.0.0.1).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: section.key=value, "
                                                            "e.g. model.hidden_size=64.")] = None,
 ) -> None:
@@ -567,7 +574,8 @@ def recsys_train(
     from lmfleet.train import LaunchSpec
 
     config = _train_config(config_path, overrides, {"data.dir": data, "train.out_dir": out_dir,
-                                                    "train.steps": steps, "train.strategy": strategy})
+                                                    "train.steps": steps, "train.strategy": strategy,
+                                                    "train.metrics_port": metrics_port})
     _launch(config, LaunchSpec(nproc=nproc, max_restarts=max_restarts, resume=resume,
                                checkpoint_on_sigterm=checkpoint_on_sigterm), RecsysTask())
 

@@ -10,8 +10,12 @@ import math
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import transformers
@@ -22,7 +26,7 @@ from lmfleet.model import load_model
 from lmfleet.train.checkpointing import complete_checkpoints, read_meta
 from lmfleet.train.metrics import read_metrics
 
-from .helpers import assert_one_line_error, run_cli
+from .helpers import assert_one_line_error, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +57,17 @@ def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def train_command(corpus: Path, out: Path, *args: str, nproc: int = 2, micro_batch: int = 4) -> list[str]:
+    return [sys.executable, "-m", "lmfleet.cli", "train", str(CONFIG), "--data", str(corpus), "--out", str(out),
+            "--steps", str(STEPS), "--checkpoint-every", str(CKPT), "--nproc", str(nproc),
+            "--set", f"batch.micro_batch={micro_batch}", "--set", "eval.every=6", "--set", "diloco.inner_steps=4",
+            *args]
+
+
 def train(corpus: Path, out: Path, *args: str, env: dict[str, str] | None = None, nproc: int = 2,
           micro_batch: int = 4):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "lmfleet.cli", "train", str(CONFIG), "--data", str(corpus), "--out", str(out),
-           "--steps", str(STEPS), "--checkpoint-every", str(CKPT), "--nproc", str(nproc),
-           "--set", f"batch.micro_batch={micro_batch}", "--set", "eval.every=6", "--set", "diloco.inner_steps=4",
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(train_command(corpus, out, *args, nproc=nproc, micro_batch=micro_batch),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def ok(result) -> None:
@@ -160,6 +165,49 @@ def test_worker_killed_group_restarts_and_finishes(corpus, runs, ddp_run) -> Non
     # ... and ended where the uninterrupted run did.
     assert bit_identical(weights(out), weights(ddp_run))
     assert train_losses(out) == train_losses(ddp_run)
+
+
+def _scrape(url: str) -> dict[str, float] | None:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return None
+    if response.status_code != 200:
+        return None
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in response.text.splitlines()
+            if line.startswith("lmfleet_train:")}
+
+
+def test_rank0_serves_training_metrics_that_agree_with_the_log_across_a_restart(corpus, runs, ddp_run) -> None:
+    """`--metrics-port`: while a 2-process run trains, dies at step 9 and restarts, rank 0's
+    /metrics shows each step's loss exactly as metrics.jsonl logs it, the restart count, the run's
+    size and the checkpoint age; the endpoint goes away with the run."""
+    out, port = runs / "metrics-port", free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    env = {**os.environ, "LMFLEET_FAULT_STEP": "9", "LMFLEET_FAULT_RANK": "1"}
+    proc = subprocess.Popen(train_command(corpus, out, "--max-restarts", "1", "--metrics-port", str(port)),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    scrapes = []
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        scraped = _scrape(url)
+        if scraped:
+            scrapes.append(scraped)
+        time.sleep(0.05)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, stderr[-3000:]
+    assert _scrape(url) is None  # gone with the run
+    losses = train_losses(out)  # the resumed run replays steps 7-9 with the same losses, bit for bit
+    stepped = [s for s in scrapes if "lmfleet_train:loss" in s]
+    assert stepped, f"no scrape during training ({len(scrapes)} scrapes)"
+    for scraped in stepped:
+        assert scraped["lmfleet_train:loss"] == losses[int(scraped["lmfleet_train:step"])], scraped
+        assert scraped["lmfleet_train:total_steps"] == STEPS and scraped["lmfleet_train:world_size"] == 2
+        assert scraped["lmfleet_train:tokens_per_second"] > 0
+    restarts = {s["lmfleet_train:restarts_total"] for s in scrapes}
+    assert 1.0 in restarts and restarts <= {0.0, 1.0}, restarts
+    aged = [s["lmfleet_train:checkpoint_age_seconds"] for s in scrapes if "lmfleet_train:checkpoint_age_seconds" in s]
+    assert aged and all(0 <= a < 300 for a in aged)
 
 
 def test_sigterm_checkpoints_the_step_and_exits_0(corpus, runs, ddp_run) -> None:

@@ -52,6 +52,8 @@ def test_config_rejects_unknown_and_mistyped_keys() -> None:
         TrainConfig.from_dict({"parallel": {"pp": 2}, "train": {"strategy": "fsdp"}, "data": {"dir": "x"}}).validate()
     with pytest.raises(ConfigError, match=r"parallel.pp_schedule='zb' is not one of \['1f1b', 'gpipe'\]"):
         TrainConfig.from_dict({"parallel": {"pp_schedule": "zb"}, "data": {"dir": "x"}}).validate()
+    with pytest.raises(ConfigError, match=r"train.metrics_port=70000 must be a TCP port \(1-65535\), or 0"):
+        TrainConfig.from_dict({"train": {"metrics_port": 70000}, "data": {"dir": "x"}}).validate()
     overridden = config.apply_overrides({"optim.lr": 1, "model.num_hidden_layers": 2, "model.flavor": "tiny"})
     assert overridden.optim.lr == 1.0 and isinstance(overridden.optim.lr, float)
     assert overridden.model.flavor == "tiny" and overridden.model.overrides == {"num_hidden_layers": 2}
@@ -221,3 +223,35 @@ def test_saving_never_deletes_a_checkpoint_without_a_manifest(tmp_path) -> None:
     _save(run, 4, 4.0)
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_3", "step_4"]
     assert {p: p.read_bytes() for p in (root / "step_1").rglob("*") if p.is_file()} == legacy
+
+
+def test_training_exporter_on_a_busy_port_warns_and_lets_training_go_on(monkeypatch, capsys) -> None:
+    import socket
+
+    import httpx
+
+    from lmfleet.train import exporter as exporter_module
+    from lmfleet.train.exporter import TrainingExporter
+
+    monkeypatch.setattr(exporter_module, "BIND_PAUSE_S", 0.01)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert TrainingExporter("run", 10, 1, 0).start(port, "127.0.0.1") is False
+    assert "warning: training metrics not served: cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    # On a free port it serves what it was told, and stops serving when closed.
+    served = TrainingExporter("run", 10, 1, 0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert served.start(port, "127.0.0.1")
+    served.observe({"kind": "train", "step": 3, "loss": 1.25, "tokens_per_s": 100.0})
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'lmfleet_train:loss{run="run"} 1.25' in text and 'lmfleet_train:step{run="run"} 3.0' in text
+    served.close()
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
+        raise AssertionError("still serving after close")
+    except httpx.TransportError:
+        pass

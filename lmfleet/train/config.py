@@ -70,6 +70,8 @@ class TrainSection:
     out_dir: str = "runs/train"
     log_every: int = 1
     peak_flops: float | None = None  # per process, for MFU; measured when not given
+    metrics_port: int = 0  # rank 0 serves Prometheus /metrics on it during the run (0: off)
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -174,6 +176,11 @@ class TrainConfig:
                             ("schedule.warmup_steps", self.schedule.warmup_steps), ("train.seed", self.train.seed)]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        port = self.train.metrics_port
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ConfigError(f"train.metrics_port={port!r} must be a TCP port (1-65535), or 0 for none")
+        if not isinstance(self.train.metrics_host, str) or not self.train.metrics_host:
+            raise ConfigError(f"train.metrics_host={self.train.metrics_host!r} must be an address to listen on")
         if self.optim.lr <= 0 or self.diloco.outer_lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr} and diloco.outer_lr={self.diloco.outer_lr} must be > 0")
         if not 0 <= self.schedule.min_lr_ratio <= 1:

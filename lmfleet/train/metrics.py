@@ -57,6 +57,7 @@ class MetricsWriter:
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.listeners: list[Any] = []  # called with every record written or noted (the /metrics exporter)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -67,6 +68,12 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.note(record)
+
+    def note(self, record: dict[str, Any]) -> None:
+        """Tell the listeners of a record without writing it (e.g. a checkpoint saved)."""
+        for listener in self.listeners if self.enabled else ():
+            listener(record)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

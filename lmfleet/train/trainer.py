@@ -29,6 +29,7 @@ from lmfleet.parallel.mesh import DistInfo, ParallelDims, destroy_distributed, i
 from lmfleet.parallel.parallelize import check_micro_batches, check_parallel, parallelize
 from lmfleet.train import checkpointing as ckpt
 from lmfleet.train.config import TrainConfig
+from lmfleet.train.exporter import TrainingExporter
 from lmfleet.train.metrics import MetricsWriter, peak_flops, peak_memory_bytes, read_metrics
 from lmfleet.train.strategies import ModelParallelStrategy, Strategy, make_strategy
 
@@ -247,9 +248,11 @@ class Trainer:
         if self.info.device.type == "cuda":
             local["rng_cuda"] = torch.cuda.get_rng_state(self.info.device)
         meta = {**self.meta(), **({"stopped_by": stopped_by} if stopped_by else {})}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.info.rank,
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.info.rank,
                                     self.strategy.sharded_state(self.optimizer), local, meta,
                                     self.config.checkpoint.keep_last)
+        self.metrics.note({"kind": "checkpoint", "step": self.step, "path": path.name})
+        return path
 
     def resume(self, path: Path) -> None:
         saved_world = ckpt.read_meta(path).get("world_size")
@@ -408,6 +411,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
     stop = StopRequest()
     if checkpoint_on_sigterm:
         stop.install()
+    exporter = None
     info = init_distributed()
     try:
         trainer = trainer_class(config, run_dir, info, stop)
@@ -424,6 +428,10 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
             trainer.resume(selection.path)
         elif attempt > 0:
             trainer.drop_metrics_after(-1)  # no checkpoint yet: the restart begins again at step 0
+        if info.is_main and config.train.metrics_port:
+            exporter = TrainingExporter(Path(run_dir).name, config.train.steps, info.world_size, attempt)
+            if exporter.start(config.train.metrics_port, config.train.metrics_host):
+                trainer.metrics.listeners.append(exporter.observe)
         trainer.metrics.write({"kind": "start", "step": trainer.step, "attempt": attempt, "pid": os.getpid(),
                                "world_size": info.world_size, "grad_accum": config.batch.grad_accum,
                                "resumed_from": selection.path.name if selection.path else None,
@@ -436,5 +444,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
         with training_progress(config.train.steps, trainer.step) as update:
             return trainer.fit(update)
     finally:
+        if exporter is not None:
+            exporter.close()
         destroy_distributed()
         stop.restore()
