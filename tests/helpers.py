@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
 import subprocess
 import sys
+
+import pytest
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of an external tool the test needs: missing, the test fails under CI (which
+    installs it: `make install`) and is skipped elsewhere, saying how to install it."""
+    exe = shutil.which(name)
+    if exe is None:
+        message = f"{name} is missing: `make install` installs it as root (apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return exe
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -36,7 +36,7 @@ import lmfleet
 from lmfleet.engine import LLMEngine, SamplingParams
 from lmfleet.serve import ServeSettings
 
-from .helpers import assert_one_line_error, chat_model_dir, free_port, run_cli
+from .helpers import assert_one_line_error, chat_model_dir, free_port, require_tool, run_cli
 
 ray = pytest.importorskip("ray")  # a dev dependency: installed by `make install`; never skipped in CI
 
@@ -64,12 +64,7 @@ def parse_once(text: str) -> dict[str, object]:
 def promtool_problems(text: str) -> list[str]:
     """What `promtool check metrics` reports beyond the `name:` lint (the names are vLLM's, with
     a colon, by design). A parse error (e.g. a family's HELP twice) is reported too."""
-    exe = shutil.which("promtool")
-    if exe is None:
-        message = "promtool is missing: `make install` installs it as root (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    exe = require_tool("promtool", "prometheus")
     result = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     problems = [line for line in lines if not line.endswith("metric names should not contain ':'")]

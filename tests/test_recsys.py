@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from lmfleet.recsys.train import recsys_loss
 from lmfleet.train.metrics import read_metrics
 from lmfleet.train.plot import plot_run
 
-from .helpers import assert_one_line_error, free_port, run_cli, serve_process, wait_healthy
+from .helpers import assert_one_line_error, free_port, require_tool, run_cli, serve_process, wait_healthy
 
 MANIFEST_NAME = "manifest.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sasrec-debug.toml"
@@ -658,12 +657,7 @@ class RedisServer:
     (appendfsync always), so a restart loses nothing acknowledged."""
 
     def __init__(self, root: Path):
-        exe = shutil.which("redis-server")
-        if exe is None:
-            message = "redis-server is missing: `make install` installs it as root (apt-get install redis-server)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        exe = require_tool("redis-server", "redis-server")
         self.exe, self.root, self.port = exe, root, free_port()
         self.proc: subprocess.Popen | None = None
 

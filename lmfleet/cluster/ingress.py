@@ -39,6 +39,29 @@ METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY", "NOT_DEPLOYED"})
 
 
+def ingress_families(replicas: int, min_replicas: int, decisions: dict[str, int], in_flight: int,
+                     errors: dict[int, int]) -> list[Any]:
+    """The cluster endpoint's own metric families, after the replicas' merged ones."""
+    out = [GaugeMetricFamily("lmfleet:num_replicas", "Replicas whose metrics arrived in the last 15 s.", value=replicas),
+           GaugeMetricFamily("lmfleet:min_replicas", "The fewest replicas meant to run (--replicas, or the "
+                             "--autoscale minimum; 0: scaling to zero is normal).", value=min_replicas)]
+    counted = CounterMetricFamily("lmfleet:router_decisions", "Routing decisions of this ingress.", labels=["decision"])
+    for decision, count in sorted(decisions.items()):
+        counted.add_metric([decision], count)
+    out += [counted,
+            CounterMetricFamily("lmfleet:router_prefix_hits", "Requests sent to the replica holding their prefix.",
+                                value=decisions.get("prefix_hit", 0)),
+            CounterMetricFamily("lmfleet:router_retries", "Requests retried on another replica.",
+                                value=decisions.get("retried", 0)),
+            GaugeMetricFamily("lmfleet:ingress_requests_in_flight",
+                              "Requests between arrival at the ingress and their last byte.", value=in_flight)]
+    by_status = CounterMetricFamily("lmfleet:ingress_http_errors",
+                                    "Requests the ingress answered with an error itself, by status.", labels=["status"])
+    for status, count in sorted(errors.items()):
+        by_status.add_metric([str(status)], count)
+    return [*out, by_status]
+
+
 @dataclass
 class IngressConfig:
     max_attempts: int = 3  # tries on different replicas before 503
@@ -319,25 +342,8 @@ class Gateway:
 
     async def _metrics(self) -> bytes:
         texts = await self.view.texts()
-        replicas = GaugeMetricFamily("lmfleet:num_replicas", "Replicas whose metrics arrived in the last 15 s.",
-                                     value=len(texts))
-        decisions = CounterMetricFamily("lmfleet:router_decisions", "Routing decisions of this ingress.",
-                                        labels=["decision"])
-        for decision, count in sorted(stats.DECISIONS.items()):
-            decisions.add_metric([decision], count)
-        hits = CounterMetricFamily("lmfleet:router_prefix_hits", "Requests sent to the replica holding their prefix.",
-                                   value=stats.DECISIONS["prefix_hit"])
-        retries = CounterMetricFamily("lmfleet:router_retries", "Requests retried on another replica.",
-                                      value=stats.DECISIONS["retried"])
-        in_flight = GaugeMetricFamily("lmfleet:ingress_requests_in_flight",
-                                      "Requests between arrival at the ingress and their last byte.",
-                                      value=self.in_flight)
-        errors = CounterMetricFamily("lmfleet:ingress_http_errors",
-                                     "Requests the ingress answered with an error itself, by status.",
-                                     labels=["status"])
-        for status, count in sorted(self.errors.items()):
-            errors.add_metric([str(status)], count)
-        return merge_metrics(texts, [replicas, decisions, hits, retries, in_flight, errors])
+        return merge_metrics(texts, ingress_families(len(texts), self.config.min_replicas, stats.DECISIONS,
+                                                     self.in_flight, self.errors))
 
     async def _health(self) -> Response:
         """200 while the endpoint can serve: a replica runs, or none is meant to (scaled to zero,
