@@ -182,3 +182,78 @@ def test_dashboards_are_valid_promql_over_metrics_lmfleet_exports(tmp_path) -> N
         assert any(wanted in e for e in exprs["serving.json"]), wanted
     for wanted in ("lmfleet_train:loss", "lmfleet_train:tokens_per_second", "lmfleet_train:mfu"):
         assert any(wanted in e for e in exprs["training.json"]), wanted
+
+
+K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for path in K8S for doc in yaml.safe_load_all(path.read_text())
+            if doc}
+
+
+def test_kubernetes_manifests_validate_strictly_and_fit_together() -> None:
+    import shutil
+    import sys
+
+    exe = shutil.which("kubernetes-validate") or str(Path(sys.executable).with_name("kubernetes-validate"))
+    result = subprocess.run([exe, "--strict", *map(str, K8S)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout + result.stderr
+    objects = k8s_objects()
+    claims = {name for kind, name in objects if kind == "PersistentVolumeClaim"}
+    # Serving: the CLI, the probes and the key file, the volume, the autoscaler's metric.
+    serve = objects[("Deployment", "lmfleet-serve")]["spec"]["template"]["spec"]
+    container = serve["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--host") + 1] == "0.0.0.0"
+    port = int(args[args.index("--port") + 1])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health", probe
+    assert {p["containerPort"] for p in container["ports"]} == {port}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in serve["volumes"]}
+    key_file = args[args.index("--api-key-file") + 1]
+    assert key_file.startswith(mounts["api-keys"] + "/") and "secret" in volumes["api-keys"]
+    assert args[1].startswith(mounts["models"] + "/") and volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
+    assert serve["securityContext"]["runAsNonRoot"] is True
+    hpa = objects[("HorizontalPodAutoscaler", "lmfleet-serve")]["spec"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "lmfleet:num_requests_waiting".replace(":", "_")
+    assert "lmfleet:num_requests_waiting" in exported_metric_names()
+    service = objects[("Service", "lmfleet")]["spec"]
+    assert service["selector"] == objects[("Deployment", "lmfleet-serve")]["spec"]["selector"]["matchLabels"]
+    # Training: node count, the rendezvous on pod 0 through the headless Service, shared volumes.
+    job = objects[("Job", "lmfleet-train")]
+    pod = job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[0] == "train" and job["spec"]["completionMode"] == "Indexed"
+    assert int(args[args.index("--nnodes") + 1]) == job["spec"]["completions"] == job["spec"]["parallelism"]
+    host, _, rdzv_port = args[args.index("--rdzv-endpoint") + 1].partition(":")
+    headless = objects[("Service", pod["subdomain"])]["spec"]
+    assert host == f"lmfleet-train-0.{pod['subdomain']}" and headless["clusterIP"] == "None"
+    assert int(rdzv_port) in {p["port"] for p in headless["ports"]}
+    assert args[args.index("--node-rank") + 1] == "$(NODE_RANK)"
+    assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} <= claims
+
+
+def test_dockerfiles_copy_what_exists_and_run_the_cli_unprivileged() -> None:
+    import tomllib
+
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "lmfleet" in scripts
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (ROOT / "deploy" / name).read_text()
+        instructions = [line.split(None, 1) for line in re.sub(r"\\\n", " ", text).splitlines()
+                        if line.strip() and not line.lstrip().startswith("#")]
+        copies = [rest.split() for op, rest in instructions if op == "COPY" and "--from=" not in rest]
+        assert copies, name
+        for parts in copies:
+            for source in parts[:-1]:  # relative to the build context, the repository root
+                assert (ROOT / source).exists(), (name, source)
+                assert source.rstrip("/") not in ignored, (name, source)
+        assert [rest for op, rest in instructions if op == "ENTRYPOINT"] == ['["lmfleet"]'], name
+        user = [rest for op, rest in instructions if op == "USER"]
+        assert user and user[-1] not in ("root", "0"), name
+        assert any(op == "HEALTHCHECK" and "/health" in rest for op, rest in instructions), name
+        assert sum(op == "FROM" for op, _ in instructions) == 2, name  # build stage, runtime stage
