@@ -68,7 +68,8 @@ class TrainingExporter(Collector):
         if self.last_step_time is not None:
             yield gauge("last_step_timestamp_seconds", "Unix time the latest step finished.", self.last_step_time)
         if self.last_checkpoint_time is not None:
-            yield gauge("checkpoint_age_seconds", "Seconds since this process last wrote a checkpoint.",
+            yield gauge("checkpoint_age_seconds", "Seconds since the run's newest checkpoint (since this "
+                        "attempt's start while it has none).",
                         time.time() - self.last_checkpoint_time)
         restarts = CounterMetricFamily("lmfleet_train:restarts", "Restarts of the worker group so far "
                                        "(torchrun's restart count).", labels=["run"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ class MetricsWriter:
     def note(self, record: dict[str, Any]) -> None:
         """Tell the listeners of a record without writing it (e.g. a checkpoint saved)."""
         for listener in self.listeners if self.enabled else ():
-            listener(record)
+            try:
+                listener(record)
+            except Exception as exc:  # noqa: BLE001 - a metrics consumer never stops training
+                print(f"warning: a metrics listener failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

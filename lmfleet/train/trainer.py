@@ -371,6 +371,8 @@ class Trainer:
             record = self.train_step()
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 self.metrics.write({"kind": "train", **record})
+            else:
+                self.metrics.note({"kind": "train", **record})  # the live /metrics sees every step
             if progress is not None:
                 progress(record)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
@@ -429,7 +431,10 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume_from: str | Pa
         elif attempt > 0:
             trainer.drop_metrics_after(-1)  # no checkpoint yet: the restart begins again at step 0
         if info.is_main and config.train.metrics_port:
-            exporter = TrainingExporter(Path(run_dir).name, config.train.steps, info.world_size, attempt)
+            exporter = TrainingExporter(Path(run_dir).resolve().name, config.train.steps, info.world_size, attempt)
+            # The checkpoint a restart resumes from is the run's last one, however old; before any,
+            # the age counts from this start (the work a failure would lose).
+            exporter.last_checkpoint_time = selection.path.stat().st_mtime if selection.path else time.time()
             if exporter.start(config.train.metrics_port, config.train.metrics_host):
                 trainer.metrics.listeners.append(exporter.observe)
         trainer.metrics.write({"kind": "start", "step": trainer.step, "attempt": attempt, "pid": os.getpid(),
