@@ -215,8 +215,10 @@ def test_rank0_serves_training_metrics_that_agree_with_the_log_across_a_restart(
         assert scraped["lmfleet_train:loss"] == losses[int(scraped["lmfleet_train:step"])], scraped
         assert scraped["lmfleet_train:total_steps"] == STEPS and scraped["lmfleet_train:world_size"] == 2
         assert scraped["lmfleet_train:tokens_per_second"] > 0
-    restarts = {s["lmfleet_train:restarts_total"] for s in scrapes}
-    assert 1.0 in restarts and restarts <= {0.0, 1.0}, restarts
+    # The restart count as scraped over time: 0 in the first attempt (when a scrape caught it), then
+    # 1 once the group restarted, never back.
+    restarts = [s["lmfleet_train:restarts_total"] for s in scrapes]
+    assert restarts == sorted(restarts) and restarts[-1] == 1.0 and set(restarts) <= {0.0, 1.0}, restarts
     aged = [s["lmfleet_train:checkpoint_age_seconds"] for s in scrapes if "lmfleet_train:checkpoint_age_seconds" in s]
     assert aged and all(0 <= a < 300 for a in aged)
 

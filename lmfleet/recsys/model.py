@@ -91,10 +91,10 @@ class Block(nn.Module):
         if last_only:
             return in_row_blocks(lambda rows: self._rows(rows[:, :h], rows[:, h:]),
                                  torch.cat([x[:, -1], attended[:, :, -1].reshape(b, h)], dim=1))
-        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, length, h)))
-        return x + self.dropout(self.ffn_out(self.dropout(F.gelu(self.ffn_in(self.ffn_norm(x))))))
+        return self._rows(x, attended.transpose(1, 2).reshape(b, length, h))
 
     def _rows(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The position-wise rest of the block: output projection, residual, feed-forward."""
         x = x + self.dropout(self.out(attended))
         return x + self.dropout(self.ffn_out(self.dropout(F.gelu(self.ffn_in(self.ffn_norm(x))))))
 
@@ -162,20 +162,20 @@ class SASRec(nn.Module):
     @torch.no_grad()
     def hidden_last(self, histories: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
         """Hidden state [len(histories), H] after each whole history (its newest max_len items).
-        The histories are padded to max_len and encoded ENCODE_ROWS // max_len (at least 1) at a
-        time, the last chunk filled with empty histories, so every matmul of the encoder has the
-        same shape whatever the batch, and a history's state is the same bits in any batch."""
+        The histories are padded to max_len and encoded ceil(ENCODE_ROWS / max_len) at a time, the
+        last chunk filled with empty histories, so every matmul of the encoder has the same shape
+        whatever the batch, and a history's state is the same bits in any batch."""
         device = self.item_embedding.weight.device
         length = self.config.max_len
-        chunk = max(1, -(-ENCODE_ROWS // length))
         count = len(histories)
+        if count == 0:
+            return self.item_embedding.weight.new_zeros(0, self.config.hidden_size)
+        chunk = -(-ENCODE_ROWS // length)
         batch = torch.zeros(-(-count // chunk) * chunk, length, dtype=torch.long)
         for row, h in enumerate(histories):
             h = list(h)[-length:]
             if h:
                 batch[row, -len(h):] = torch.as_tensor(h, dtype=torch.long)
-        if count == 0:
-            return self.item_embedding.weight.new_zeros(0, self.config.hidden_size)
         batch = batch.to(device)
         return torch.cat([self.encode(batch[i:i + chunk], last_only=True) for i in range(0, len(batch), chunk)])[:count]
 

@@ -364,7 +364,7 @@ class RecsysServer:
         self.store_pool = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="lmfleet-store")
         self.store_waiting = 0
 
-    def user_id(self, value: str | int | None, field_name: str = "user_id") -> str:
+    def printable_id(self, value: str | int | None, field_name: str = "user_id") -> str:
         user = str(value)
         if isinstance(value, bool) or not user or len(user) > MAX_USER_ID or not user.isprintable():
             raise APIError(400, f"{field_name} must be 1 to {MAX_USER_ID} printable characters", param=field_name)
@@ -422,7 +422,7 @@ class RecsysServer:
                                     "allowed", param="history")
             history = r.items_of(body.history, "history")
         else:
-            user = self.user_id(body.user_id)
+            user = self.printable_id(body.user_id)
             events = await self.call_store(self.store.events, [user])
             history = r.base_history(user) + r.known_items(events[0])
         exclude = history if body.exclude_seen else []
@@ -443,13 +443,13 @@ class RecsysServer:
                 "data": [{"item_id": r.item_ids[i - 1], "score": score} for i, score in zip(items, scores)]}
 
     async def post_events(self, body: EventRequest) -> dict[str, Any]:
-        user = self.user_id(body.user_id)
+        user = self.printable_id(body.user_id)
         if (body.item_id is None) == (body.items is None):
             raise APIError(400, "give one of item_id or items", param="items")
         values = [body.item_id] if body.item_id is not None else body.items
         if not values or len(values) > MAX_EVENTS_PER_REQUEST:
             raise APIError(400, f"items holds {len(values)} items; send 1 to {MAX_EVENTS_PER_REQUEST}", param="items")
-        event_id = None if body.event_id is None else self.user_id(body.event_id, "event_id")
+        event_id = None if body.event_id is None else self.printable_id(body.event_id, "event_id")
         indices = self.recommender.items_of(values, "items" if body.items is not None else "item_id")
         ids = [self.recommender.item_ids[i - 1] for i in indices]
         kept, repeat = await self.call_store(self.store.append, user, ids, event_id)

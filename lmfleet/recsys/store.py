@@ -40,6 +40,9 @@ class StoreError(LmfleetError):
 class EventConflict(LmfleetError):
     """An event id already appended for this user with other items: nothing was written."""
 
+    def __init__(self, event_id: str):
+        super().__init__(f"event_id {event_id!r} was already used for other items")
+
 
 PASSWORD_ENV = "LMFLEET_REDIS_PASSWORD"  # the Redis password, when the URL carries none
 DEDUP_EVENTS = 100_000  # event ids the in-memory store remembers (all users together; ~150 MB at most)
@@ -95,7 +98,7 @@ class MemoryHistoryStore(HistoryStore):
                 seen = self._seen.get((user, event_id))
                 if seen is not None:
                     if seen != digest:
-                        raise EventConflict(f"event_id {event_id!r} was already used for other items")
+                        raise EventConflict(event_id)
                     return len(self._events.get(user, ())), True
                 self._seen[(user, event_id)] = digest
                 if len(self._seen) > DEDUP_EVENTS:
@@ -188,7 +191,7 @@ class RedisHistoryStore(HistoryStore):
 
         kept, status = self._call("append", run)
         if status == 2:
-            raise EventConflict(f"event_id {event_id!r} was already used for other items")
+            raise EventConflict(event_id)
         return kept, status == 1
 
     def events(self, users: list[str]) -> list[list[str]]:
