@@ -255,3 +255,33 @@ def test_training_exporter_on_a_busy_port_warns_and_lets_training_go_on(monkeypa
         raise AssertionError("still serving after close")
     except httpx.TransportError:
         pass
+
+
+# What Prometheus 2.x sends: OpenMetrics first. prometheus_client then escapes ':' in names to '_'.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def test_training_exporter_keeps_its_metric_names_whatever_format_the_scraper_asks_for() -> None:
+    """A real Prometheus asks for OpenMetrics; the names it stores must be the lmfleet_train:*
+    names the rules and dashboards read, not lmfleet_train_* (then no training alert could fire)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lmfleet.train.exporter import TrainingExporter
+
+    from .helpers import free_port
+
+    served, port = TrainingExporter("run", 10, 1, 0), free_port()
+    assert served.start(port, "127.0.0.1")
+    try:
+        served.observe({"kind": "train", "step": 3, "loss": 1.25, "tokens_per_s": 100.0})
+        for accept in (PROMETHEUS_ACCEPT, "text/plain;version=0.0.4", "*/*"):
+            answer = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+            assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+            samples = {s.name: s.value for f in text_string_to_metric_families(answer.text) for s in f.samples}
+            assert samples["lmfleet_train:step"] == 3 and samples["lmfleet_train:loss"] == 1.25, accept
+            assert not any(name.startswith("lmfleet_train_") for name in samples), sorted(samples)
+        assert httpx.get(f"http://127.0.0.1:{port}/other").status_code == 404
+    finally:
+        served.close()

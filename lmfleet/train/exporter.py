@@ -7,15 +7,38 @@ bind is a warning)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 BIND_TRIES = 10  # a restarted rank 0 may find its predecessor's socket not yet released
 BIND_PAUSE_S = 0.5
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics in Prometheus's text format, whatever the scraper's Accept header: prometheus_client's
+    OpenMetrics output, which Prometheus asks for first, escapes the ':' of lmfleet_train:* to '_'."""
+
+    registry: CollectorRegistry
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server method name
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = generate_latest(self.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:  # scrapes are not worth a line in the training log
+        pass
 
 
 class TrainingExporter(Collector):
@@ -80,7 +103,10 @@ class TrainingExporter(Collector):
         """Serve /metrics on host:port; False (and a warning) when the port cannot be bound."""
         for attempt in range(BIND_TRIES):
             try:
-                self.server = start_http_server(port, addr=host, registry=self.registry)
+                handler = type("Handler", (_MetricsHandler,), {"registry": self.registry})
+                self.server = ThreadingHTTPServer((host, port), handler)
+                self.server.daemon_threads = True
+                threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
                 return True
             except OSError as exc:
                 if attempt + 1 == BIND_TRIES:
@@ -92,7 +118,6 @@ class TrainingExporter(Collector):
 
     def close(self) -> None:
         if self.server is not None:
-            server = self.server[0] if isinstance(self.server, tuple) else self.server
-            server.shutdown()
-            server.server_close()
+            self.server.shutdown()
+            self.server.server_close()
             self.server = None
