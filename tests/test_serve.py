@@ -21,6 +21,7 @@ import openai
 import psutil
 import pytest
 import transformers
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmfleet.engine import AsyncLLMEngine, LLMEngine, SamplingParams
 from lmfleet.engine.bench import synthetic_requests
@@ -902,3 +903,31 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(server) -> None:
     worker.join(timeout=60)
     assert result.get("reason") == "length"  # all 200 tokens arrived
     assert proc.wait(timeout=30) == 0
+
+
+def test_an_error_event_mid_stream_is_counted_as_a_server_error(model_dir) -> None:
+    """A stream that had started when the engine died ends with an error event (its HTTP status was
+    already 200): /metrics counts it under the status the same failure gets before a stream starts
+    (503, engine_dead), so the error-rate alert sees it."""
+    engine, client = _in_process(model_dir)
+    step, calls = engine.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected engine fault")
+        return step()
+
+    engine.engine.step = failing_step
+    try:
+        with client.stream("POST", "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 50,
+                                                            "ignore_eos": True, "stream": True}) as answer:
+            assert answer.status_code == 200
+            events = [line.removeprefix("data: ") for line in answer.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["text"] is not None  # tokens came before the fault
+        assert json.loads(events[-2])["error"]["code"] == "engine_dead" and events[-1] == "[DONE]"
+        errors = {s.labels["status"]: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
+                  for s in f.samples if s.name == "lmfleet:http_errors_total"}
+        assert errors == {"503": 1.0}, errors
+    finally:
+        engine.shutdown()

@@ -174,11 +174,13 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
             for data in finish([finals[i] for i in range(len(streams))]):
                 yield _sse(data)
             yield _sse("[DONE]")
-        except EngineDeadError as exc:
-            yield _sse(error_body(str(exc), "service_unavailable", None, "engine_dead"))
-            yield _sse("[DONE]")
-        except RequestFailedError as exc:
-            yield _sse(error_body(str(exc), "server_error", None, "request_failed"))
+        except (EngineDeadError, RequestFailedError) as exc:
+            # The status line (200) is gone: the event carries the error, and /metrics counts it under
+            # the status `gather` answers the same failure with, so error-rate alerts see streams too.
+            dead = isinstance(exc, EngineDeadError)
+            metrics.http_errors.labels(settings.model_name, "503" if dead else "500").inc()
+            yield _sse(error_body(str(exc), "service_unavailable" if dead else "server_error", None,
+                                  "engine_dead" if dead else "request_failed"))
             yield _sse("[DONE]")
 
     # ---- endpoints -------------------------------------------------------------------------------
