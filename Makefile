@@ -11,13 +11,16 @@ QS := runs/quickstart
 .PHONY: install quickstart test clean
 
 install: $(VENV)/.installed
-	@# promtool (Debian's prometheus package) checks the cluster's /metrics in the tests; redis-server
-	@# is the shared history store of the recommender's replicas
-	@{ command -v promtool >/dev/null && command -v redis-server >/dev/null; } || { \
+	@# promtool (Debian's prometheus package) checks the cluster's /metrics and the alert rules in the
+	@# tests, and a live Prometheus + Alertmanager page a test's webhook; redis-server is the shared
+	@# history store of the recommender's replicas
+	@{ command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+	   && command -v redis-server >/dev/null; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus redis-server >/dev/null; \
-	  else echo "note: promtool or redis-server not found (apt-get install prometheus redis-server as root); their tests skip outside CI"; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager redis-server >/dev/null; \
+	  else echo "note: promtool, prometheus-alertmanager or redis-server not found (apt-get install prometheus" \
+	    "prometheus-alertmanager redis-server as root); their tests skip outside CI"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

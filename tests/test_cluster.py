@@ -466,6 +466,23 @@ def test_a_tls_cluster_is_not_probed_in_plain_grpc() -> None:
         check_join(address, env={}, timeout_s=1.0)
 
 
+def test_the_application_builder_refuses_bad_args_by_name(tmp_path) -> None:
+    """A Serve config's args are checked before anything is deployed; each refusal names the arg."""
+    from lmfleet.cluster.application import build
+    from lmfleet.errors import CheckpointError, ConfigError
+
+    with pytest.raises(ConfigError, match="replica: Extra inputs are not permitted"):
+        build({"model_dir": str(tmp_path), "replica": 2})
+    with pytest.raises(ConfigError, match="model_dir: Field required"):
+        build({"replicas": 2})
+    with pytest.raises(ConfigError, match="replicas: Input should be greater than or equal to 1"):
+        build({"model_dir": str(tmp_path), "replicas": 0})
+    with pytest.raises(ConfigError, match="give --replicas N or --autoscale MIN:MAX"):
+        build({"model_dir": str(tmp_path)})
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
+        build({"model_dir": str(tmp_path / "nowhere"), "replicas": 1})
+
+
 # ---- a real local Ray ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -546,6 +563,54 @@ def test_two_replicas_answer_through_one_endpoint(model_dir, cluster) -> None:
     assert report["deployments"]["LLMReplica"]["replicas"] == {"RUNNING": 2}
     assert sorted(r["replica"] for r in report["replicas"]) == \
         sorted(by_replica(families, "lmfleet:num_requests_running"))
+
+
+def test_the_rayservice_application_answers_checks_keys_and_reports_its_replica(model_dir, cluster, tmp_path) -> None:
+    """What KubeRay deploys from deploy/k8s/rayservice.yaml: its serveConfigV2 args (here with this
+    test's model and key file, one 1-CPU replica to fit the machine), built by the import path it
+    names and run by Ray Serve under the config's name, with no `lmfleet serve` process around:
+    it answers like one engine, checks keys at the ingress, and its /metrics reports the replica
+    through the metrics store its ingress started."""
+    import importlib
+
+    import yaml
+    from ray import serve
+
+    from lmfleet.cluster.deploy import run_application
+    from lmfleet.cluster.join import connect
+    from lmfleet.cluster.metrics_store import stop_store
+
+    service = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "rayservice.yaml").read_text())
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    key = "rayservice-key-" + secrets.token_hex(8)
+    (tmp_path / "keys").write_text(f"# one key a line\n{key}\n")
+    args = {k: v for k, v in app["args"].items() if k != "autoscale"} | {
+        "model_dir": str(model_dir), "api_key_file": str(tmp_path / "keys"), "replicas": 1, "cpus_per_replica": 1,
+        "served_model_name": NAME, "kv_cache_memory": "4MiB"}
+    module, _, attr = app["import_path"].partition(":")
+    if ray.is_initialized():
+        serve.delete(app["name"])
+    connect(None)
+    stop_store()  # nothing but the application itself may start it
+    serve.start(http_options={"host": "127.0.0.1", "port": cluster})
+    run_application(getattr(importlib.import_module(module), attr)(args), app["name"])
+    url = f"http://127.0.0.1:{cluster}"
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    denied = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2}, timeout=60)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    ref = LLMEngine(model_dir, kv_cache_memory=4 * 2**20).generate(
+        ["The quick brown"], SamplingParams(max_tokens=10, temperature=0))[0]
+    out = client.completions.create(model=NAME, prompt="The quick brown", max_tokens=10, temperature=0)
+    assert out.choices[0].text == ref.text
+    time.sleep(2.5)  # the replica pushes its metrics every half second
+    families = scrape(url)
+    assert total(families, "lmfleet:num_replicas") == 1
+    assert total(families, "lmfleet:generation_tokens_total") == len(ref.token_ids)
+    status = run_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["deployments"]["LLMReplica"]["replicas"] == {"RUNNING": 1}
 
 
 def assert_answers_like_one_engine(url: str, model_dir, prompts) -> None:

@@ -5,12 +5,19 @@ exports (taken from the servers' own registries, not from a list kept by hand)."
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
+import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,7 +28,7 @@ from lmfleet.recsys.serve import RecsysMetrics, _Gauges
 from lmfleet.serve.metrics import ServerMetrics
 from lmfleet.train.exporter import TrainingExporter
 
-from .helpers import require_tool
+from .helpers import chat_model_dir, free_port, require_tool, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "lmfleet-rules.yml"
@@ -184,7 +191,8 @@ def test_dashboards_are_valid_promql_over_metrics_lmfleet_exports(tmp_path) -> N
         assert any(wanted in e for e in exprs["training.json"]), wanted
 
 
-K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+RAYSERVICE = ROOT / "deploy" / "k8s" / "rayservice.yaml"
+K8S = sorted(set((ROOT / "deploy" / "k8s").glob("*.yaml")) - {RAYSERVICE})  # plain manifests (no CRD)
 
 
 def k8s_objects() -> dict[tuple[str, str], dict]:
@@ -257,3 +265,259 @@ def test_dockerfiles_copy_what_exists_and_run_the_cli_unprivileged() -> None:
         assert user and user[-1] not in ("root", "0"), name
         assert any(op == "HEALTHCHECK" and "/health" in rest for op, rest in instructions), name
         assert sum(op == "FROM" for op, _ in instructions) == 2, name  # build stage, runtime stage
+
+
+# ---- the whole path, live: lmfleet -> Prometheus -> Alertmanager -> a pager's webhook ------------
+
+class _Webhook(http.server.BaseHTTPRequestHandler):
+    """Alertmanager's webhook receiver: keeps every notification's JSON."""
+
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server method name
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _prometheus_query(url: str, query: str) -> list[dict]:
+    answer = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _scraped_names(url: str, selector: str) -> set[str]:
+    """The names of the series Prometheus scraped from the targets `selector` picks (less its own:
+    up, scrape_*, and ALERTS* carrying the target's labels)."""
+    answer = httpx.get(f"{url}/api/v1/series", params={"match[]": selector}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return {series["__name__"] for series in answer["data"]
+            if series["__name__"] != "up" and not series["__name__"].startswith(("scrape_", "ALERTS"))}
+
+
+def _wait_for(what: str, check, timeout_s: float, procs: dict):
+    """Poll `check()` until it returns something truthy; fails naming `what` after `timeout_s`, or
+    at once when a process of `procs` (those that must keep running) exits, with its log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        dead = {name: proc.returncode for name, (proc, _) in procs.items() if proc.poll() is not None}
+        assert time.monotonic() < deadline and not dead, (
+            f"{what}: not seen in {timeout_s:.0f} s; exited: {dead}; "
+            + " | ".join(f"{n}: {Path(log).read_text()[-1500:]}" for n, (_, log) in procs.items() if n in dead))
+        time.sleep(0.5)
+
+
+def _documented_training_metrics() -> set[str]:
+    """The lmfleet_train:* names docs/operations.md's table promises."""
+    return set(re.findall(r"`(lmfleet_train:[a-z_]+)`", OPERATIONS.read_text()))
+
+
+# What ARCHITECTURE.md and docs/serving.md name for every server (vLLM's meaning, lmfleet's prefix).
+SERVING_SERIES = {"lmfleet:num_requests_running", "lmfleet:num_requests_waiting", "lmfleet:kv_cache_usage_perc",
+                  "lmfleet:prefix_cache_queries_total", "lmfleet:prefix_cache_hits_total",
+                  "lmfleet:prompt_tokens_total", "lmfleet:generation_tokens_total",
+                  "lmfleet:time_to_first_token_seconds_bucket", "lmfleet:inter_token_latency_seconds_bucket",
+                  "lmfleet:e2e_request_latency_seconds_bucket", "lmfleet:request_queue_time_seconds_bucket",
+                  "lmfleet:request_success_total", "lmfleet:num_preemptions_total"}
+
+
+@pytest.mark.integration
+def test_live_prometheus_scrapes_lmfleet_and_an_instance_down_page_reaches_the_webhook(tmp_path, tokenizer) -> None:
+    """A real Prometheus (1 s scrapes and evaluations, lmfleet's rules) and Alertmanager watch a
+    `lmfleet serve`, a `--replicas 2` cluster endpoint and a training run: every documented series is
+    scraped under its name, and when the single server stops, LmfleetInstanceDown fires for it, and
+    only for it, and Alertmanager's notification reaches the test's webhook receiver. The rule's
+    1 min `for` is shortened to 3 s in the copy Prometheus loads; its expression, labels and
+    annotations are the shipped ones."""
+    from lmfleet.data.corpus import prepare_corpus, stdlib_root
+
+    prometheus = require_tool("prometheus", "prometheus")
+    alertmanager = require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    model_dir = chat_model_dir(tmp_path, tokenizer, 512, 7)
+    corpus = tmp_path / "corpus"
+    prepare_corpus([str(stdlib_root() / "json")], corpus, vocab_size=512, val_fraction=0.1)
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    _Webhook.received = []
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def start(name: str, command: list[str]) -> None:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as sink:
+            procs[name] = (subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT), log)
+
+    lmfleet = str(Path(sys.executable).with_name("lmfleet"))
+    tokens: dict[str, int] = {}
+    try:
+        urls = {}
+        for name, extra in (("server", []), ("cluster", ["--replicas", "2"])):
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            start(name, [lmfleet, "serve", str(model_dir), "--port", str(port), "--kv-cache-memory", "4MiB",
+                         "--served-model-name", "tiny", *extra])
+        for name, url in urls.items():
+            proc, log = procs[name]
+            wait_healthy(url, proc, 240, log.read_text)
+        server, (server_url, cluster_url) = procs["server"][0], urls.values()
+        for url in (server_url, cluster_url):
+            tokens[url] = 0
+            for prompt in ("The quick brown", "def add(a, b):", "Data flows"):
+                answer = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                                                   "max_tokens": 6}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                tokens[url] += answer.json()["usage"]["completion_tokens"]
+        train_port, prom_port, am_port = free_port(), free_port(), free_port()
+        start("training", [sys.executable, "-m", "lmfleet.cli", "train", str(ROOT / "configs" / "debug.toml"),
+                           "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "100000",
+                           "--checkpoint-every", "100000", "--nproc", "1", "--metrics-port", str(train_port)])
+        rules = yaml.safe_load(RULES.read_text())
+        down = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LmfleetInstanceDown")
+        down["for"] = "3s"
+        (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+        target = lambda url: url.removeprefix("http://")  # noqa: E731
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp_path / "rules.yml")],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+            "scrape_configs": [
+                {"job_name": "lmfleet", "static_configs": [{"targets": [target(server_url), target(cluster_url)]}]},
+                {"job_name": "lmfleet-train", "static_configs": [{"targets": [f"127.0.0.1:{train_port}"]}]}]}))
+        (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump({
+            "route": {"receiver": "pager", "group_by": ["alertname", "instance"], "group_wait": "1s",
+                      "group_interval": "1s", "repeat_interval": "1h"},
+            "receivers": [{"name": "pager", "webhook_configs": [
+                {"url": f"http://127.0.0.1:{hook.server_address[1]}/alerts", "send_resolved": False}]}]}))
+        start("alertmanager", [alertmanager, f"--config.file={tmp_path / 'alertmanager.yml'}",
+                               f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                               "--cluster.listen-address="])
+        start("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"])
+        prom = f"http://127.0.0.1:{prom_port}"
+
+        def up(instance: str):
+            try:
+                return [r for r in _prometheus_query(prom, f'up{{instance="{instance}"}} == 1')]
+            except httpx.TransportError:
+                return None
+
+        # Training: its series once it has stepped while scraped; then SIGTERM ends it (checkpoint, exit 0).
+        _wait_for("a scraped training step", lambda: up(f"127.0.0.1:{train_port}") and _prometheus_query(
+            prom, 'lmfleet_train:step{job="lmfleet-train"} > 0'), 180, procs)
+        running = {n: procs[n] for n in ("cluster", "prometheus", "alertmanager")}
+        trainer = procs["training"][0]
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=120) == 0, procs["training"][1].read_text()[-3000:]
+        training_names = _scraped_names(prom, '{job="lmfleet-train"}')
+        for url in (server_url, cluster_url):
+            _wait_for(f"{url} scraped", lambda url=url: up(target(url)), 60, running)
+        time.sleep(2)  # the answers' counters and histograms in at least one scrape after they moved
+        exported = exported_metric_names()
+        for url in (server_url, cluster_url):
+            names = _scraped_names(prom, f'{{instance="{target(url)}"}}')
+            assert SERVING_SERIES <= names, (url, sorted(SERVING_SERIES - names))
+            assert names <= exported, sorted(names - exported)
+        assert _documented_training_metrics() <= training_names, sorted(_documented_training_metrics() - training_names)
+        assert training_names <= exported, sorted(training_names - exported)
+        # The cluster endpoint: both replicas' series under a `replica` label, and its replica count.
+        replicas = _prometheus_query(prom, f'lmfleet:generation_tokens_total{{instance="{target(cluster_url)}"}}')
+        assert len({r["metric"]["replica"] for r in replicas}) == 2, replicas
+        assert sum(float(r["value"][1]) for r in replicas) == tokens[cluster_url]
+        count = _prometheus_query(prom, f'lmfleet:num_replicas{{instance="{target(cluster_url)}"}}')
+        assert [float(r["value"][1]) for r in count] == [2.0]
+        served = _prometheus_query(prom, f'lmfleet:generation_tokens_total{{instance="{target(server_url)}"}}')
+        assert [float(r["value"][1]) for r in served] == [tokens[server_url]]
+        # The single server goes away: its instance-down page reaches the webhook, nothing else pages.
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+        def paged():
+            return [a for note in _Webhook.received for a in note["alerts"]
+                    if a["labels"]["alertname"] == "LmfleetInstanceDown"]
+
+        alerts = _wait_for("the LmfleetInstanceDown notification", paged, 90, running)
+        assert {a["labels"]["instance"] for a in alerts} == {target(server_url)}, alerts
+        alert = alerts[0]
+        assert alert["status"] == "firing" and alert["labels"]["severity"] == "critical"
+        assert alert["labels"]["job"] == "lmfleet"
+        assert alert["annotations"]["runbook_url"] == "docs/operations.md#lmfleetinstancedown"
+        assert target(server_url) in alert["annotations"]["summary"]
+        assert up(target(cluster_url)), "the cluster endpoint must still be up"
+    finally:
+        hook.shutdown()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_rayservice_deploys_lmfleets_builder_with_args_it_accepts_on_pods_that_validate(tmp_path) -> None:
+    """deploy/k8s/rayservice.yaml, field by field where KubeRay and lmfleet rely on them: its
+    serveConfigV2 names lmfleet's application builder with args the builder accepts, on the route
+    and port the pods expose; the pod templates are valid Kubernetes (strict) and mount the model
+    and key paths the args name from claims and a Secret that exist; its Ray is one lmfleet supports."""
+    import importlib
+    import importlib.metadata
+    import shutil
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    from lmfleet.cluster.application import ApplicationArgs, build, parse_args
+    from lmfleet.cluster.deploy import APP_NAME
+
+    (service,) = [doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc]
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["name"] == APP_NAME and app["route_prefix"] == "/"  # what `lmfleet status` looks for
+    module, _, attr = app["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is build
+    args = parse_args(app["args"])  # refuses an unknown or ill-typed field by name
+    assert set(app["args"]) <= set(ApplicationArgs.model_fields)
+    http_port = serve_config["http_options"]["port"]
+    assert serve_config["http_options"]["host"] == "0.0.0.0"
+    cluster = service["spec"]["rayClusterConfig"]
+    ray_spec = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                    ["cluster"] if r.startswith("ray"))
+    assert Requirement(ray_spec).specifier.contains(cluster["rayVersion"]), (ray_spec, cluster["rayVersion"])
+    assert cluster["rayVersion"] == importlib.metadata.version("ray")  # the version the tests ran
+    claims = {name for kind, name in k8s_objects() if kind == "PersistentVolumeClaim"}
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    templates = []
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"].startswith("lmfleet:") and pod["securityContext"]["runAsNonRoot"] is True, name
+        for probe in ("readinessProbe", "livenessProbe"):  # over HTTP: the image has no wget for KubeRay's own
+            assert "httpGet" in container[probe], (name, probe)
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert args.model_dir.startswith(mounts["models"] + "/"), name
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims, name
+        assert args.api_key_file.startswith(mounts["api-keys"] + "/") and "secret" in volumes["api-keys"], name
+        if name != "head":  # model replicas run on the workers: their CPUs fit one, the Serve proxy port is open
+            assert float(group["rayStartParams"]["num-cpus"]) >= args.cpus_per_replica
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            assert container["readinessProbe"]["httpGet"]["port"] == http_port
+        assert http_port in {p["containerPort"] for p in container["ports"]}, name
+        templates.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"lmfleet-ray-{name}"},
+                          "template": group["template"]})
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    _, hi = map(int, args.autoscale.split(":"))
+    assert hi <= sum(g["maxReplicas"] for _, g in groups[1:])
+    (tmp_path / "pods.yaml").write_text(yaml.safe_dump_all(templates))
+    exe = shutil.which("kubernetes-validate") or str(Path(sys.executable).with_name("kubernetes-validate"))
+    result = subprocess.run([exe, "--strict", str(tmp_path / "pods.yaml")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout + result.stderr

@@ -122,22 +122,34 @@ def check_resources(replicas_needed: int, cpus_per_replica: float, gpus_per_repl
 def deploy(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any], config: ClusterConfig) -> list[str]:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; returns
     warnings (e.g. an autoscaling ceiling above the cluster's resources)."""
-    max_num_seqs = int(engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
-    tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
-    if tp > 1:  # a replica is rank 0 plus tp - 1 worker processes beside it: it reserves for all of them
-        config = replace(config, cpus_per_replica=config.cpus_per_replica * tp,
-                         gpus_per_replica=config.gpus_per_replica * tp)
-    llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
+    config = per_replica_resources(config, engine_kwargs)
+    app = llm_application(model_dir, settings, engine_kwargs, config)  # refuses bad options before Ray starts
     warnings = start_cluster(config)
+    run_application(app, config.app_name)
+    return warnings
+
+
+def per_replica_resources(config: ClusterConfig, engine_kwargs: dict[str, Any]) -> ClusterConfig:
+    """A tensor-parallel replica is rank 0 plus tp - 1 worker processes beside it: it reserves for all."""
+    tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
+    if tp == 1:
+        return config
+    return replace(config, cpus_per_replica=config.cpus_per_replica * tp, gpus_per_replica=config.gpus_per_replica * tp)
+
+
+def llm_application(model_dir: str, settings: ServeSettings, engine_kwargs: dict[str, Any],
+                    config: ClusterConfig) -> Any:
+    """The application graph (not yet running): LLMReplica x N behind the ingress. `config` is
+    already `per_replica_resources`'s."""
+    max_num_seqs = int(engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+    llm = llm_options(config, max_num_seqs, settings.max_queued_requests)
     # Ray keeps deployment arguments where anyone on the cluster can read them: keys go as digests.
     digests = KeyChecker(settings.api_keys).digests()
-    shared = asdict(replace(settings, api_keys=[]))
     # The ingress enforces the rate limit for the whole endpoint; replicas still check keys.
-    replica_settings = shared | {"rate_limit": None, "rate_burst": None}
+    replica_settings = asdict(replace(settings, api_keys=[], rate_limit=None, rate_burst=None))
     replicas = LLMReplica.options(**llm).bind(str(model_dir), engine_kwargs, replica_settings, digests,
                                               max(1, int(config.cpus_per_replica)))
-    run_behind_ingress(replicas, config, settings, max_num_seqs)
-    return warnings
+    return behind_ingress(replicas, config, settings, max_num_seqs)
 
 
 def start_cluster(config: ClusterConfig) -> list[str]:
@@ -170,18 +182,23 @@ def start_cluster(config: ClusterConfig) -> list[str]:
     return warnings
 
 
-def run_behind_ingress(replicas: Any, config: ClusterConfig, settings: ServeSettings, per_replica: int,
-                       deployment: str = "LLMReplica") -> None:
-    """Deploy `replicas` (a bound deployment) behind the one ingress (keys, body limit, rate,
-    retries, cluster /metrics and /health) as the application `config.app_name`."""
+def behind_ingress(replicas: Any, config: ClusterConfig, settings: ServeSettings, per_replica: int,
+                   deployment: str = "LLMReplica") -> Any:
+    """`replicas` (a bound deployment) behind the one ingress (keys, body limit, rate, retries,
+    cluster /metrics and /health): the application to run, under any name."""
     digests = KeyChecker(settings.api_keys).digests()
     shared = asdict(replace(settings, api_keys=[]))
     ingress = IngressConfig(config.max_attempts, config.request_timeout_s, config.min_replicas,
-                            app_name=config.app_name, deployment=deployment)
-    app = Ingress.options(**ingress_options(config, per_replica, settings.max_queued_requests)).bind(
+                            deployment=deployment)
+    return Ingress.options(**ingress_options(config, per_replica, settings.max_queued_requests)).bind(
         replicas, shared, digests, asdict(ingress))
+
+
+def run_application(app: Any, app_name: str) -> None:
+    """Run the application at route "/" and wait until it is up; a failed deployment is a
+    ConfigError carrying Ray's first and last lines."""
     try:
-        serve.run(app, name=config.app_name, route_prefix="/")
+        serve.run(app, name=app_name, route_prefix="/")
     except RuntimeError as exc:  # Ray's "Deploying application ... failed" with a replica's traceback
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lmfleet import __version__
 from lmfleet.cluster import ray_errors, stats
 from lmfleet.cluster.metrics_merge import merge_metrics
-from lmfleet.cluster.metrics_store import store_handle
+from lmfleet.cluster.metrics_store import ensure_store, store_handle
 from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
 from lmfleet.serve.frontend import APIError, ServeSettings, check_access
 from lmfleet.serve.http_rules import CLIENT_CLOSED, body_too_large, over_limit, read_limited
@@ -68,7 +68,6 @@ class IngressConfig:
     request_timeout_s: float = 600.0
     min_replicas: int = 1  # 0: scaled to zero is a normal state, not an outage
     retry_pause_s: float = 0.2
-    app_name: str = "lmfleet"
     deployment: str = "LLMReplica"
 
 
@@ -370,8 +369,9 @@ class Ingress:
 
     def __init__(self, llm: Any, settings: dict[str, Any], key_digests: list[str], config: dict[str, Any]):
         cfg = IngressConfig(**config)
+        ensure_store()
         self.gateway = Gateway(llm.options(stream=True), ServeSettings(**settings), KeyChecker.from_digests(key_digests),
-                               cfg, RayView(cfg.app_name, cfg.deployment))
+                               cfg, RayView(serve.get_replica_context().app_name, cfg.deployment))
 
     async def __call__(self, request: Request) -> Response:
         return await self.gateway(request)

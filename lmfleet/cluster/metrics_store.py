@@ -51,6 +51,12 @@ def start_store() -> None:
     MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached").remote()
 
 
+def ensure_store() -> None:
+    """The store, started if none runs (an application deployed from a Serve config, e.g. by a
+    KubeRay RayService, has no `lmfleet serve` process to start it)."""
+    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+
+
 def stop_store() -> None:
     store = store_handle()
     if store is not None:

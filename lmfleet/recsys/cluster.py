@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from ray import serve
 
 from lmfleet.cluster import router as routing
-from lmfleet.cluster.deploy import ClusterConfig, replica_options, run_behind_ingress, start_cluster
+from lmfleet.cluster.deploy import ClusterConfig, behind_ingress, replica_options, run_application, start_cluster
 from lmfleet.cluster.replica import AppReplica
 from lmfleet.errors import ConfigError
 from lmfleet.recsys.serve import RecsysSettings
@@ -83,5 +83,6 @@ def deploy_recsys(model_dir: str, data_dir: str | None, settings: RecsysSettings
     ingress_settings = ServeSettings(settings.model_name, settings.api_keys, settings.max_queued,
                                      settings.max_body_bytes, settings.rate_limit, settings.rate_burst,
                                      settings.protect_metrics)
-    run_behind_ingress(replicas, config, ingress_settings, per_replica, deployment=DEPLOYMENT)
+    run_application(behind_ingress(replicas, config, ingress_settings, per_replica, deployment=DEPLOYMENT),
+                    config.app_name)
     return warnings
