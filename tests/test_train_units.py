@@ -285,3 +285,10 @@ def test_training_exporter_keeps_its_metric_names_whatever_format_the_scraper_as
         assert httpx.get(f"http://127.0.0.1:{port}/other").status_code == 404
     finally:
         served.close()
+    # An IPv6 host binds an IPv6 socket (the metrics host may be "::" or "::1").
+    served6, port6 = TrainingExporter("run", 10, 1, 0), free_port()
+    assert served6.start(port6, "::1")
+    try:
+        assert 'lmfleet_train:total_steps{run="run"} 10.0' in httpx.get(f"http://[::1]:{port6}/metrics").text
+    finally:
+        served6.close()

@@ -33,6 +33,12 @@ class MetricsStore:
         now = time.time()
         return {r: entry for r, entry in self.texts.items() if now - entry[0] <= max_age_s}
 
+    def reports(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str, dict[str, Any]]]:
+        """Each replica's (seconds since its last push, text, where): the age on this actor's clock,
+        so that the caller's clock, on another node, does not matter."""
+        now = time.time()
+        return {r: (now - stamp, text, where) for r, (stamp, text, where) in self.raw(max_age_s).items()}
+
     def snapshot(self, max_age_s: float = 15.0) -> dict[str, str]:
         return {r: text for r, (_, text, _) in self.raw(max_age_s).items()}
 
@@ -45,16 +51,23 @@ def store_handle() -> Any | None:
         return None
 
 
+def _store_options() -> dict[str, Any]:
+    # On the head node: an autoscaler removes worker nodes it finds idle, and a 0-CPU actor does not
+    # keep its node busy, so the store would go with its node.
+    return {"name": METRICS_STORE, "namespace": NAMESPACE, "lifetime": "detached",
+            "resources": {"node:__internal_head__": 0.001}}
+
+
 def start_store() -> None:
     """A fresh store: series of replicas from an earlier deployment must not linger."""
     stop_store()
-    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached").remote()
+    MetricsStore.options(**_store_options()).remote()
 
 
-def ensure_store() -> None:
+def ensure_store() -> Any:
     """The store, started if none runs (an application deployed from a Serve config, e.g. by a
-    KubeRay RayService, has no `lmfleet serve` process to start it)."""
-    MetricsStore.options(name=METRICS_STORE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    KubeRay RayService, has no `lmfleet serve` process to start it, and a lost store comes back)."""
+    return MetricsStore.options(**_store_options(), get_if_exists=True).remote()
 
 
 def stop_store() -> None:

@@ -6,18 +6,20 @@ bind is a warning)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 BIND_TRIES = 10  # a restarted rank 0 may find its predecessor's socket not yet released
 BIND_PAUSE_S = 0.5
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):
@@ -25,6 +27,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     OpenMetrics output, which Prometheus asks for first, escapes the ':' of lmfleet_train:* to '_'."""
 
     registry: CollectorRegistry
+    timeout = 5  # seconds a connection may stay silent: an idle client does not hold a thread for ever
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server method name
         if self.path.split("?", 1)[0] != "/metrics":
@@ -32,7 +35,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             return
         body = generate_latest(self.registry)
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Type", TEXT_FORMAT)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -101,11 +104,17 @@ class TrainingExporter(Collector):
 
     def start(self, port: int, host: str) -> bool:
         """Serve /metrics on host:port; False (and a warning) when the port cannot be bound."""
+        try:  # IPv4 or IPv6, as the host names it
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        except OSError as exc:
+            print(f"warning: training metrics not served: cannot resolve {host!r} ({exc}); training goes on",
+                  file=sys.stderr, flush=True)
+            return False
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+        handler = type("Handler", (_MetricsHandler,), {"registry": self.registry})
         for attempt in range(BIND_TRIES):
             try:
-                handler = type("Handler", (_MetricsHandler,), {"registry": self.registry})
-                self.server = ThreadingHTTPServer((host, port), handler)
-                self.server.daemon_threads = True
+                self.server = server_class((host, port), handler)
                 threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
                 return True
             except OSError as exc:
