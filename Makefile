@@ -13,14 +13,15 @@ QS := runs/quickstart
 install: $(VENV)/.installed
 	@# promtool (Debian's prometheus package) checks the cluster's /metrics and the alert rules in the
 	@# tests, and a live Prometheus + Alertmanager page a test's webhook; redis-server is the shared
-	@# history store of the recommender's replicas
+	@# history store of the recommender's replicas; chromium is the browser the web console's test drives
 	@{ command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
-	   && command -v redis-server >/dev/null; } || { \
+	   && command -v redis-server >/dev/null && command -v chromium >/dev/null; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager redis-server >/dev/null; \
-	  else echo "note: promtool, prometheus-alertmanager or redis-server not found (apt-get install prometheus" \
-	    "prometheus-alertmanager redis-server as root); their tests skip outside CI"; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager redis-server \
+	      chromium >/dev/null; \
+	  else echo "note: promtool, prometheus-alertmanager, redis-server or chromium not found (apt-get install" \
+	    "prometheus prometheus-alertmanager redis-server chromium as root); their tests skip outside CI"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +39,8 @@ quickstart: install $(QS)/tiny/final/config.json
 	$(LMFLEET) plot $(QS)/tiny
 	$(LMFLEET) generate $(QS)/tiny/final "def fibonacci(n):" --max-tokens 48 --temperature 0.7 --seed 0
 	@echo ""
-	@echo "Serving the model on http://127.0.0.1:$(PORT)/v1 (Ctrl-C stops it). Try, in another shell:"
+	@echo "Serving the model on http://127.0.0.1:$(PORT)/v1 (Ctrl-C stops it); the web console is at"
+	@echo "http://127.0.0.1:$(PORT)/ui. Try, in another shell:"
 	@echo "  curl -s 127.0.0.1:$(PORT)/v1/completions -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"model\": \"tiny\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 48}'"
 	@echo "  $(PY) -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:$(PORT)/v1', api_key='-'); \\"

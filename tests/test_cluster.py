@@ -417,6 +417,13 @@ def test_in_flight_is_released_however_a_stream_ends() -> None:
     asyncio.run(hang_up(gateway, cut))
     assert gateway.in_flight == 0 and cut.cancelled
 
+    # A replica that dies mid-stream: the error event ends the stream and counts as the ingress's error.
+    died = FakeStream(SSE, RuntimeError("the replica's actor died"))
+    gateway = _gateway(died)
+    status, _, body = asyncio.run(_call(gateway))
+    assert status == 200 and b'"error"' in body and body.endswith(b"data: [DONE]\n\n")
+    assert sum(gateway.errors.values()) == 1 and all(s >= 500 for s in gateway.errors), gateway.errors
+
     never_sent = FakeStream(SSE, "hang")
     gateway = _gateway(never_sent)
     status, _, _ = asyncio.run(_call(gateway, send_response=False))
@@ -466,7 +473,7 @@ def test_a_tls_cluster_is_not_probed_in_plain_grpc() -> None:
         check_join(address, env={}, timeout_s=1.0)
 
 
-def test_the_application_builder_refuses_bad_args_by_name(tmp_path) -> None:
+def test_the_application_builder_refuses_bad_args_by_name(tmp_path, model_dir, monkeypatch) -> None:
     """A Serve config's args are checked before anything is deployed; each refusal names the arg."""
     from lmfleet.cluster.application import build
     from lmfleet.errors import CheckpointError, ConfigError
@@ -481,6 +488,21 @@ def test_the_application_builder_refuses_bad_args_by_name(tmp_path) -> None:
         build({"model_dir": str(tmp_path)})
     with pytest.raises(CheckpointError, match="nowhere does not exist"):
         build({"model_dir": str(tmp_path / "nowhere"), "replicas": 1})
+    for bad, message in (({"cpus_per_replica": float("inf")}, "cpus_per_replica: Input should be a finite number"),
+                         ({"replicas": True}, "replicas: Input should be a valid integer"),
+                         ({"autoscale": "1-4"}, "autoscale: String should match pattern"),
+                         ({"device": "tpu"}, "device: String should match pattern"),
+                         ({"max_num_seqs": 10**9}, "max_num_seqs: Input should be less than or equal to"),
+                         ({"rate_burst": 4}, "rate_burst needs rate_limit")):
+        with pytest.raises(ConfigError, match=message):
+            build({"model_dir": str(model_dir), "replicas": 1, **bad})
+    # No key anywhere: refused unless the config says, in so many words, that it is meant to be open.
+    monkeypatch.delenv("LMFLEET_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="no API key"):
+        build({"model_dir": str(model_dir), "replicas": 1})
+    assert build({"model_dir": str(model_dir), "replicas": 1, "allow_unauthenticated": True}) is not None
+    monkeypatch.setenv("LMFLEET_API_KEY", "env-key-12345678")
+    assert build({"model_dir": str(model_dir), "replicas": 1}) is not None
 
 
 # ---- a real local Ray ------------------------------------------------------------------------------
@@ -580,7 +602,8 @@ def test_the_rayservice_application_answers_checks_keys_and_reports_its_replica(
     from lmfleet.cluster.join import connect
     from lmfleet.cluster.metrics_store import stop_store
 
-    service = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "rayservice.yaml").read_text())
+    (service,) = [doc for doc in yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "k8s" /
+                                                     "rayservice.yaml").read_text()) if doc["kind"] == "RayService"]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = config["applications"]
     key = "rayservice-key-" + secrets.token_hex(8)

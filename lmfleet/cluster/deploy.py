@@ -183,13 +183,14 @@ def start_cluster(config: ClusterConfig) -> list[str]:
 
 
 def behind_ingress(replicas: Any, config: ClusterConfig, settings: ServeSettings, per_replica: int,
-                   deployment: str = "LLMReplica") -> Any:
+                   deployment: str = "LLMReplica", console: bool = True) -> Any:
     """`replicas` (a bound deployment) behind the one ingress (keys, body limit, rate, retries,
-    cluster /metrics and /health): the application to run, under any name."""
+    cluster /metrics and /health, and with `console` the language models' /ui and /v1/stats): the
+    application to run, under any name."""
     digests = KeyChecker(settings.api_keys).digests()
     shared = asdict(replace(settings, api_keys=[]))
     ingress = IngressConfig(config.max_attempts, config.request_timeout_s, config.min_replicas,
-                            deployment=deployment)
+                            console=console, deployment=deployment)
     return Ingress.options(**ingress_options(config, per_replica, settings.max_queued_requests)).bind(
         replicas, shared, digests, asdict(ingress))
 

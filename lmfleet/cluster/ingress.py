@@ -24,14 +24,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmfleet import __version__
 from lmfleet.cluster import ray_errors, stats
-from lmfleet.cluster.metrics_merge import merge_metrics
-from lmfleet.cluster.metrics_store import ensure_store, store_handle
-from lmfleet.serve.auth import KeyChecker, RateLimiter, needs_key, rate_limited
+from lmfleet.cluster.metrics_merge import merge_families, merge_metrics
+from lmfleet.cluster.metrics_store import PUSH_S, ensure_store
+from lmfleet.serve.auth import KeyChecker, RateLimiter, is_console, needs_key, rate_limited
+from lmfleet.serve.console import console_response
 from lmfleet.serve.frontend import APIError, ServeSettings, check_access
 from lmfleet.serve.http_rules import CLIENT_CLOSED, body_too_large, over_limit, read_limited
+from lmfleet.serve.stats import stats_from_families
 
 PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
 STORE_TIMEOUT_S = 2.0  # the metrics store's answer, for /health and /metrics
+STATS_TTL_S = 1.0  # /v1/stats is computed at most this often, however many consoles poll it
 # Bodies above this are parsed for their routing key off the event loop (4 MiB of JSON: ~0.1 s).
 PARSE_INLINE_BYTES = 64 * 1024
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -68,6 +71,7 @@ class IngressConfig:
     request_timeout_s: float = 600.0
     min_replicas: int = 1  # 0: scaled to zero is a normal state, not an outage
     retry_pause_s: float = 0.2
+    console: bool = False  # /ui and /v1/stats (the language models' endpoint)
     deployment: str = "LLMReplica"
 
 
@@ -117,12 +121,14 @@ class RayView:
 
     async def texts(self, max_age_s: float = 15.0) -> dict[str, str]:
         """The replicas' metrics; raises when the store does not answer within STORE_TIMEOUT_S."""
-        if self._store is None:  # a GCS lookup: off the event loop, once
-            self._store = await asyncio.to_thread(store_handle)
-            if self._store is None:
-                return {}
+        return {replica: text for replica, (_, text, _) in (await self.reports(max_age_s)).items()}
+
+    async def reports(self, max_age_s: float = 15.0) -> dict[str, tuple[float, str, dict[str, Any]]]:
+        """Each replica's latest push: (its age in seconds, metrics text, where it runs)."""
+        if self._store is None:  # a GCS lookup (the store started again if it was lost): off the event loop
+            self._store = await asyncio.to_thread(ensure_store)
         try:
-            return await asyncio.wait_for(self._store.snapshot.remote(max_age_s), STORE_TIMEOUT_S)
+            return await asyncio.wait_for(self._store.reports.remote(max_age_s), STORE_TIMEOUT_S)
         except BaseException:
             self._store = None  # looked up again next time (the store may have been restarted)
             raise
@@ -185,6 +191,7 @@ class Gateway:
         self.in_flight = 0  # forwarded requests between arrival and their last byte
         self.draining = False
         self.errors: collections.Counter[int] = collections.Counter()  # the ingress's own error answers
+        self._stats_cache: tuple[float, dict[str, Any] | None] = (0.0, None)
 
     def _refuse(self, exc: APIError) -> JSONResponse:
         """An error the ingress answers itself (a replica's own errors are counted by the replica)."""
@@ -217,6 +224,14 @@ class Gateway:
                 return await self._health()
             if path == "/version" and request.method == "GET":  # static: no replica slot for it
                 return JSONResponse({"version": __version__})
+            if is_console(path):  # open paths: answered here, never forwarded to a replica
+                if not self.config.console:
+                    raise APIError(404, f"no route {path}", "not_found_error")
+                if request.method != "GET":
+                    raise APIError(405, f"{request.method} {path}: the console is read with GET", "invalid_request_error")
+                return console_response(path, self.checker.enabled)
+            if self.config.console and path == "/v1/stats" and request.method == "GET":
+                return JSONResponse(await self._stats())
         except APIError as exc:
             return self._refuse(exc)
         except Exception as exc:  # noqa: BLE001 - a Ray failure reading metrics or state: a reason, not a bare 500
@@ -329,7 +344,9 @@ class Gateway:
                         return
                     yield chunk
             except Exception as exc:  # noqa: BLE001 - the status went out: end the stream with an error event
-                yield sse_error(ray_errors.api_error(exc, timeout))
+                error = ray_errors.api_error(exc, timeout)
+                self.errors[error.status] += 1  # counted here: a replica that died cannot count it
+                yield sse_error(error)
             finally:
                 relay.release()
 
@@ -343,6 +360,28 @@ class Gateway:
         texts = await self.view.texts()
         return merge_metrics(texts, ingress_families(len(texts), self.config.min_replicas, stats.DECISIONS,
                                                      self.in_flight, self.errors))
+
+    async def _stats(self) -> dict[str, Any]:
+        """/v1/stats for the whole endpoint: the replicas' metrics and the ingress's own, and each
+        replica's line (healthy while its metrics arrive, every PUSH_S). Computed at most once per
+        STATS_TTL_S whoever asks, and off the event loop (it parses every replica's text)."""
+        stamp, cached = self._stats_cache
+        if cached is not None and time.monotonic() - stamp < STATS_TTL_S:
+            return cached
+        reports = await self.view.reports()
+        running, _ = await self.view.replicas()
+        known = {replica: {"healthy": age <= 4 * PUSH_S + 1.0, "age_s": round(age, 3)}
+                 for replica, (age, _, _) in reports.items()}
+        own = ingress_families(len(reports), self.config.min_replicas, stats.DECISIONS, self.in_flight, self.errors)
+
+        def compute() -> dict[str, Any]:
+            families = merge_families({replica: text for replica, (_, text, _) in reports.items()}) + own
+            return stats_from_families(families, self.settings.model_name, known) | {
+                "num_replicas": running, "min_replicas": self.config.min_replicas}
+
+        answer = await asyncio.to_thread(compute)
+        self._stats_cache = (time.monotonic(), answer)
+        return answer
 
     async def _health(self) -> Response:
         """200 while the endpoint can serve: a replica runs, or none is meant to (scaled to zero,

@@ -83,6 +83,6 @@ def deploy_recsys(model_dir: str, data_dir: str | None, settings: RecsysSettings
     ingress_settings = ServeSettings(settings.model_name, settings.api_keys, settings.max_queued,
                                      settings.max_body_bytes, settings.rate_limit, settings.rate_burst,
                                      settings.protect_metrics)
-    run_application(behind_ingress(replicas, config, ingress_settings, per_replica, deployment=DEPLOYMENT),
+    run_application(behind_ingress(replicas, config, ingress_settings, per_replica, DEPLOYMENT, console=False),
                     config.app_name)
     return warnings

@@ -3,7 +3,8 @@
     app = build_app(lambda: AsyncLLMEngine(LLMEngine("runs/tiny/final")), ServeSettings("tiny"))
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /health, GET /metrics, GET /version. Every error is a JSON body in the OpenAI shape
+POST /detokenize, GET /v1/stats, GET /health, GET /metrics, GET /version, and the web console
+under GET /ui. Every error is a JSON body in the OpenAI shape
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status for client mistakes.
 """
 
@@ -25,8 +26,10 @@ from lmfleet.engine import AsyncLLMEngine
 from lmfleet.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
 from lmfleet.engine.engine import RequestOutput
 from lmfleet.serve import protocol as P
+from lmfleet.serve.console import console_response
 from lmfleet.serve.frontend import STATUS_TYPES, APIError, Frontend, ServeSettings, error_body, merge_streams
 from lmfleet.serve.http_rules import CLIENT_CLOSED, BodyLimit, install_error_handlers, install_metrics_and_version
+from lmfleet.serve.stats import stats_from_families
 
 
 class _SSEResponse(StreamingResponse):
@@ -332,6 +335,18 @@ def build_app(engine: AsyncLLMEngine | Callable[[], AsyncLLMEngine], settings: S
         except APIError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/stats", responses=P.error_responses(401))
+    async def stats(key: str = Depends(authorize)) -> dict[str, Any]:
+        """The same counters and histograms as /metrics, as JSON (see `serve.stats`)."""
+        healthy = front.engine is not None and front.engine.is_running and not front.draining
+        answer = stats_from_families(metrics.registry.collect(), settings.model_name, {"local": {"healthy": healthy}})
+        return answer | {"num_replicas": 1, "min_replicas": 1}
+
+    @app.get("/ui", include_in_schema=False)
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def console(request: Request) -> Response:
+        return console_response(request.url.path, front.checker.enabled)
 
     install_metrics_and_version(app, metrics.render, authorize, P.error_responses(401))
     return app

@@ -114,11 +114,17 @@ class RateLimiter:
 OPEN_PATHS = ("/health", "/version")  # answered without a key: probes and version checks
 
 
+def is_console(path: str) -> bool:
+    """The web console's static files (/ui, /ui/...): no secret in them, served without a key."""
+    return path == "/ui" or path.startswith("/ui/")
+
+
 def needs_key(path: str, protect_metrics: bool) -> bool:
     """Whether a request to `path` must carry a valid API key (when the server has keys)."""
-    return path not in OPEN_PATHS and (path != "/metrics" or protect_metrics)
+    return path not in OPEN_PATHS and not is_console(path) and (path != "/metrics" or protect_metrics)
 
 
 def rate_limited(path: str) -> bool:
-    """Whether a request to `path` counts against its key's request rate (scrapes do not)."""
-    return path != "/metrics"
+    """Whether a request to `path` counts against its key's request rate (scrapes and the console's
+    polling of /v1/stats do not: they start no generation)."""
+    return path not in ("/metrics", "/v1/stats")
