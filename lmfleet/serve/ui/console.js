@@ -478,7 +478,8 @@ function chart(id, points, series, fixedMax) {
   g.setTransform(ratio, 0, 0, ratio, 0, 0);
   g.clearRect(0, 0, width, height);
   const values = points.flatMap((p) => series.map(([key]) => p[key])).filter((v) => Number.isFinite(v));
-  const max = fixedMax || Math.max(1e-9, ...values) * 1.15;
+  const highest = Math.max(0, ...values);
+  const max = fixedMax || (highest > 0 ? highest * 1.15 : 1); // an idle chart keeps a readable scale
   const left = 4, top = 16, w = width - 8, h = height - top - 4;
   const style = getComputedStyle(document.body);
   g.strokeStyle = style.getPropertyValue("--line") || "#ccc";
