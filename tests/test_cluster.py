@@ -367,6 +367,29 @@ def test_the_ingress_counts_the_errors_it_answers_itself() -> None:
     assert asyncio.run(client_leaves()) == (499, {499: 1})
 
 
+def test_the_ingress_reports_the_backlog_that_waits_for_a_replica() -> None:
+    """On a cluster the backlog waits at the ingress, not in an engine: requests in flight beyond
+    what the reporting replicas take at once (2 replicas x 2 here) are exported as waiting."""
+    from lmfleet.cluster.ingress import Gateway, IngressConfig
+    from lmfleet.serve.auth import KeyChecker
+
+    class TwoReplicas(FakeView):
+        async def texts(self, max_age_s: float = 15.0) -> dict[str, str]:
+            return {"r1": "", "r2": ""}
+
+    def waiting(in_flight: int, per_replica: int) -> float:
+        gateway = Gateway(FakeHandle(), ServeSettings(NAME), KeyChecker([]), IngressConfig(per_replica=per_replica),
+                          TwoReplicas())
+        gateway.in_flight = in_flight
+        families = parse_once(asyncio.run(gateway._metrics()).decode())
+        (sample,) = families["lmfleet:ingress_requests_waiting"].samples
+        assert sample.labels == {"model_name": NAME}
+        return sample.value
+
+    assert waiting(7, 2) == 3 and waiting(4, 2) == 0 and waiting(2, 2) == 0
+    assert waiting(7, 0) == 0  # capacity unknown: no claim of a backlog
+
+
 def test_the_ingress_bounds_what_a_client_chooses() -> None:
     """A session id of any size becomes a fixed-size routing key; a body nested too deep for the
     parser is no routing key (the replica answers it), not a 500; /version takes no replica slot

@@ -54,7 +54,7 @@ def exported_metric_names() -> set[str]:
         training.observe(record)
     registries = [ServerMetrics(lambda: status, "m").registry, recsys.registry, training.registry]
     rendered = [generate_latest(registry).decode() for registry in registries]
-    rendered.append(render(ingress_families(2, 1, {"prefix_hit": 1, "retried": 1}, 0, {503: 1})).decode())
+    rendered.append(render(ingress_families(2, 1, {"prefix_hit": 1, "retried": 1}, 0, {503: 1}, 3, "m")).decode())
     # Metrics declared with labels have no sample until a label set is used: their declared names.
     names = {name for registry in registries for name in registry._names_to_collectors}
     for text in rendered:

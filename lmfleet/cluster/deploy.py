@@ -190,7 +190,7 @@ def behind_ingress(replicas: Any, config: ClusterConfig, settings: ServeSettings
     digests = KeyChecker(settings.api_keys).digests()
     shared = asdict(replace(settings, api_keys=[]))
     ingress = IngressConfig(config.max_attempts, config.request_timeout_s, config.min_replicas,
-                            console=console, deployment=deployment)
+                            per_replica=per_replica, console=console, deployment=deployment)
     return Ingress.options(**ingress_options(config, per_replica, settings.max_queued_requests)).bind(
         replicas, shared, digests, asdict(ingress))
 

@@ -43,7 +43,7 @@ FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY", "NOT_DEPLOYED"})
 
 
 def ingress_families(replicas: int, min_replicas: int, decisions: dict[str, int], in_flight: int,
-                     errors: dict[int, int]) -> list[Any]:
+                     errors: dict[int, int], waiting: int = 0, model_name: str = "") -> list[Any]:
     """The cluster endpoint's own metric families, after the replicas' merged ones."""
     out = [GaugeMetricFamily("lmfleet:num_replicas", "Replicas whose metrics arrived in the last 15 s.", value=replicas),
            GaugeMetricFamily("lmfleet:min_replicas", "The fewest replicas meant to run (--replicas, or the "
@@ -58,6 +58,11 @@ def ingress_families(replicas: int, min_replicas: int, decisions: dict[str, int]
                                 value=decisions.get("retried", 0)),
             GaugeMetricFamily("lmfleet:ingress_requests_in_flight",
                               "Requests between arrival at the ingress and their last byte.", value=in_flight)]
+    # On a cluster the backlog is here, not in an engine: a replica takes only what it decodes at once.
+    queued = GaugeMetricFamily("lmfleet:ingress_requests_waiting", "Requests at the ingress beyond what the "
+                               "reporting replicas take at once: waiting for a replica.", labels=["model_name"])
+    queued.add_metric([model_name], waiting)
+    out.append(queued)
     by_status = CounterMetricFamily("lmfleet:ingress_http_errors",
                                     "Requests the ingress answered with an error itself, by status.", labels=["status"])
     for status, count in sorted(errors.items()):
@@ -71,6 +76,7 @@ class IngressConfig:
     request_timeout_s: float = 600.0
     min_replicas: int = 1  # 0: scaled to zero is a normal state, not an outage
     retry_pause_s: float = 0.2
+    per_replica: int = 0  # requests one replica takes at once (0: unknown, no waiting count)
     console: bool = False  # /ui and /v1/stats (the language models' endpoint)
     deployment: str = "LLMReplica"
 
@@ -358,8 +364,12 @@ class Gateway:
 
     async def _metrics(self) -> bytes:
         texts = await self.view.texts()
-        return merge_metrics(texts, ingress_families(len(texts), self.config.min_replicas, stats.DECISIONS,
-                                                     self.in_flight, self.errors))
+        return merge_metrics(texts, self._own_families(len(texts)))
+
+    def _own_families(self, replicas: int) -> list[Any]:
+        waiting = max(0, self.in_flight - replicas * self.config.per_replica) if self.config.per_replica else 0
+        return ingress_families(replicas, self.config.min_replicas, stats.DECISIONS, self.in_flight, self.errors,
+                                waiting, self.settings.model_name)
 
     async def _stats(self) -> dict[str, Any]:
         """/v1/stats for the whole endpoint: the replicas' metrics and the ingress's own, and each
@@ -372,7 +382,7 @@ class Gateway:
         running, _ = await self.view.replicas()
         known = {replica: {"healthy": age <= 4 * PUSH_S + 1.0, "age_s": round(age, 3)}
                  for replica, (age, _, _) in reports.items()}
-        own = ingress_families(len(reports), self.config.min_replicas, stats.DECISIONS, self.in_flight, self.errors)
+        own = self._own_families(len(reports))
 
         def compute() -> dict[str, Any]:
             families = merge_families({replica: text for replica, (_, text, _) in reports.items()}) + own
