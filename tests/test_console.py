@@ -148,6 +148,7 @@ def test_console_asks_for_the_key_streams_stops_and_shows_the_servers_numbers(mo
         page.get_by_role("button", name="Use key").click()
         page.locator("#model").get_by_text(NAME).wait_for(state="attached")
         assert page.locator("main").is_visible() and page.locator("#auth").is_hidden()
+        assert page.evaluate("document.activeElement.id") == "prompt"  # ready to type
         # Kept for the browser session only: sessionStorage, nothing in localStorage or cookies.
         assert page.evaluate("sessionStorage.getItem('lmfleet.apiKey')") == KEY
         assert page.evaluate("localStorage.length") == 0 and console.context.cookies() == []
@@ -231,6 +232,8 @@ def test_console_asks_for_the_key_streams_stops_and_shows_the_servers_numbers(mo
         page.keyboard.press("ArrowRight")
         assert page.locator("#dashboard").is_visible() and page.locator("#chat").is_hidden()
         assert page.get_by_role("tab", name="Dashboard").get_attribute("aria-selected") == "true"
+        page.keyboard.press("Home")
+        assert page.locator("#chat").is_visible() and page.evaluate("document.activeElement.id") == "tab-chat"
 
         # The dashboard's arithmetic, against hand-computed values: Prometheus's histogram_quantile,
         # and increases per replica where one restarted (counter down: counts from 0) and one appeared.

@@ -82,6 +82,7 @@ async function submitKey(event) {
   $("key-input").value = "";
   hideAuth();
   fillModels(await response.json());
+  $("prompt").focus();
   startPolling();
 }
 
@@ -527,8 +528,11 @@ function wire() {
   $("tab-chat").addEventListener("click", () => selectTab("chat"));
   $("tab-dashboard").addEventListener("click", () => selectTab("dashboard"));
   document.querySelector(".tabs").addEventListener("keydown", (event) => {
-    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
-    const next = $("tab-chat").getAttribute("aria-selected") === "true" ? "dashboard" : "chat";
+    const moves = { ArrowLeft: null, ArrowRight: null, Home: "chat", End: "dashboard" };
+    if (!(event.key in moves)) return;
+    event.preventDefault();
+    const next = moves[event.key] ||
+      ($("tab-chat").getAttribute("aria-selected") === "true" ? "dashboard" : "chat");
     selectTab(next);
     $("tab-" + next).focus();
   });
