@@ -788,7 +788,7 @@ def serve(
     /health, /metrics (Prometheus) and /version."""
     from lmfleet.serve.auth import load_api_keys, open_exposure_warning
     from lmfleet.serve.frontend import ServeSettings
-    from lmfleet.serve.server import check_inputs, parse_size, run_server
+    from lmfleet.serve.server import check_inputs, engine_options, parse_size, run_server
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} must be in 1..65535")
@@ -811,11 +811,11 @@ def serve(
     settings = ServeSettings(name, keys, max_queued_requests, parse_size(max_body_bytes, "--max-body-bytes"),
                              rate_limit, rate_burst, protect_metrics, grpc_port, host, ssl_key, ssl_cert,
                              enable_docs, enable_priority)
-    engine_kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype,
-                         device=device, max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
-                         enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                         linear_method=linear_method, tensor_parallel_size=tensor_parallel_size,
-                         kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None)
+    engine_kwargs = engine_options(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   dtype=dtype, device=device, max_model_len=max_model_len,
+                                   no_prefix_caching=no_prefix_caching, enforce_eager=enforce_eager,
+                                   gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
+                                   tensor_parallel_size=tensor_parallel_size, kv_cache_memory=kv_cache_memory)
     check_inputs(model_dir, ssl_key, ssl_cert)
     if replicas is not None or autoscale is not None:
         if grpc_port is not None or ssl_key is not None:

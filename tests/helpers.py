@@ -105,3 +105,14 @@ def wait_healthy(url: str, proc, timeout: float, output) -> None:
             proc.kill()
             raise AssertionError(output())
         time.sleep(0.3)
+
+
+def stop_process(proc, timeout: float = 60) -> None:
+    """SIGTERM a process the test started, if it still runs, and wait; SIGKILL after `timeout` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import chat_model_dir, require_tool, serve_process
+from .helpers import chat_model_dir, require_tool, serve_process, stop_process
 
 pytestmark = pytest.mark.integration
 NAME = "tiny-console"
@@ -60,15 +60,6 @@ class Console:
 
     def close(self) -> None:
         self.context.close()
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except Exception:  # noqa: BLE001 - a server that does not stop is killed
-        proc.kill()
-        proc.wait()
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -260,7 +251,7 @@ def test_console_asks_for_the_key_streams_stops_and_shows_the_servers_numbers(mo
     finally:
         if console is not None:
             console.close()
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_console_on_a_cluster_shows_both_replicas_and_chats(model_dir, browser, tmp_path) -> None:
@@ -304,5 +295,5 @@ def test_console_on_a_cluster_shows_both_replicas_and_chats(model_dir, browser, 
     finally:
         if console is not None:
             console.close()
-        _stop(proc)
+        stop_process(proc)
     print(f"screenshots: {sorted(str(p) for p in Path(tmp_path).glob('console-*.png'))}")

@@ -29,7 +29,7 @@ from lmfleet.recsys.train import recsys_loss
 from lmfleet.train.metrics import read_metrics
 from lmfleet.train.plot import plot_run
 
-from .helpers import assert_one_line_error, free_port, require_tool, run_cli, serve_process, wait_healthy
+from .helpers import assert_one_line_error, free_port, require_tool, run_cli, serve_process, stop_process, wait_healthy
 
 MANIFEST_NAME = "manifest.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sasrec-debug.toml"
@@ -487,16 +487,6 @@ def _post_events(url: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}/v1/events", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def recsys_server(trained):
     data_dir, run = trained
@@ -517,7 +507,7 @@ def recsys_server(trained):
         command=("recsys", "serve"),
     )
     yield url
-    _stop(proc)
+    stop_process(proc)
 
 
 def _offline(trained):
@@ -697,7 +687,7 @@ class RedisServer:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stops(trained, tmp_path) -> None:
@@ -744,7 +734,7 @@ def test_two_servers_share_histories_through_redis_and_lose_nothing_when_it_stop
             assert got["history_length"] == len(history)  # and the refused event was not written
     finally:
         for proc in (a, b):
-            _stop(proc)
+            stop_process(proc)
         redis_server.stop()
 
 

@@ -22,6 +22,10 @@ from lmfleet.cluster.deploy import ClusterConfig, llm_application, parse_autosca
 from lmfleet.errors import ConfigError
 from lmfleet.serve.frontend import ServeSettings
 
+# The args that are the engine's options (`serve.server.engine_options` maps them).
+ENGINE_ARGS = {"max_num_seqs", "max_num_batched_tokens", "dtype", "device", "max_model_len", "no_prefix_caching",
+               "enforce_eager", "gpu_memory_utilization", "linear_method", "tensor_parallel_size", "kv_cache_memory"}
+
 
 class ApplicationArgs(BaseModel):
     """What a Serve config's `args` may set; anything else, a value of another type, a non-finite
@@ -77,7 +81,7 @@ def build(args: dict[str, Any]) -> Any:
     anything is deployed: the model directory, the key file, the sizes."""
     from lmfleet.engine.linear import check_linear_method
     from lmfleet.serve.auth import load_api_keys
-    from lmfleet.serve.server import check_inputs, parse_size
+    from lmfleet.serve.server import check_inputs, engine_options, parse_size
 
     a = parse_args(args)
     config = ClusterConfig(a.replicas, parse_autoscale(a.autoscale) if a.autoscale is not None else None,
@@ -95,9 +99,5 @@ def build(args: dict[str, Any]) -> Any:
     settings = ServeSettings(a.served_model_name or Path(a.model_dir).resolve().name, keys, a.max_queued_requests,
                              parse_size(a.max_body_bytes, "max_body_bytes"), a.rate_limit, a.rate_burst,
                              a.protect_metrics, enable_docs=a.enable_docs, enable_priority=a.enable_priority)
-    engine_kwargs = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, dtype=a.dtype,
-                         device=a.device, max_model_len=a.max_model_len, enable_prefix_caching=not a.no_prefix_caching,
-                         enforce_eager=a.enforce_eager, gpu_memory_utilization=a.gpu_memory_utilization,
-                         linear_method=a.linear_method, tensor_parallel_size=a.tensor_parallel_size,
-                         kv_cache_memory=parse_size(a.kv_cache_memory, "kv_cache_memory") if a.kv_cache_memory else None)
+    engine_kwargs = engine_options(**a.model_dump(include=ENGINE_ARGS), kv_cache_flag="kv_cache_memory")
     return llm_application(a.model_dir, settings, engine_kwargs, per_replica_resources(config, engine_kwargs))

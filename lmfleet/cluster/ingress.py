@@ -29,7 +29,7 @@ from lmfleet.cluster.metrics_store import PUSH_S, ensure_store
 from lmfleet.serve.auth import KeyChecker, RateLimiter, is_console, needs_key, rate_limited
 from lmfleet.serve.console import console_response
 from lmfleet.serve.frontend import APIError, ServeSettings, check_access
-from lmfleet.serve.http_rules import CLIENT_CLOSED, body_too_large, over_limit, read_limited
+from lmfleet.serve.http_rules import CLIENT_CLOSED, METRICS_MEDIA_TYPE, body_too_large, over_limit, read_limited
 from lmfleet.serve.stats import stats_from_families
 
 PREFIX_CHARS = 512  # characters (or token ids) of a prompt that make its routing key
@@ -37,7 +37,6 @@ STORE_TIMEOUT_S = 2.0  # the metrics store's answer, for /health and /metrics
 STATS_TTL_S = 1.0  # /v1/stats is computed at most this often, however many consoles poll it
 # Bodies above this are parsed for their routing key off the event loop (4 MiB of JSON: ~0.1 s).
 PARSE_INLINE_BYTES = 64 * 1024
-METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Application states in which no request will be served (scaled to zero is RUNNING with 0 replicas).
 FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY", "NOT_DEPLOYED"})
 

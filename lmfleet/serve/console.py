@@ -17,7 +17,8 @@ FILES = {"index.html": "text/html; charset=utf-8", "console.js": "text/javascrip
 HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                       "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                       "frame-ancestors 'none'",
-           "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+           "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-cache"}
 
 
 @cache

@@ -17,6 +17,7 @@ from lmfleet.serve.frontend import APIError
 
 # What a request whose client left gets, should anything still be listening (nginx's code).
 CLIENT_CLOSED = 499
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus's text format
 
 
 def over_limit(content_length: bytes | str | None, limit: int) -> bool:
@@ -136,7 +137,7 @@ def install_metrics_and_version(app: FastAPI, render: Callable[[], bytes], autho
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=metrics_responses)
     async def prometheus(key: str = Depends(authorize)) -> Response:
-        return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render(), media_type=METRICS_MEDIA_TYPE)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

@@ -35,6 +35,19 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def engine_options(*, max_num_seqs: int, max_num_batched_tokens: int, dtype: str, device: str,
+                   max_model_len: int | None, no_prefix_caching: bool, enforce_eager: bool,
+                   gpu_memory_utilization: float, linear_method: str, tensor_parallel_size: int,
+                   kv_cache_memory: str | None, kv_cache_flag: str = "--kv-cache-memory") -> dict[str, Any]:
+    """The engine's keyword arguments from the serve options (`lmfleet serve`, or a Serve config's
+    args): one mapping for both."""
+    return dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype, device=device,
+                max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching, enforce_eager=enforce_eager,
+                gpu_memory_utilization=gpu_memory_utilization, linear_method=linear_method,
+                tensor_parallel_size=tensor_parallel_size,
+                kv_cache_memory=parse_size(kv_cache_memory, kv_cache_flag) if kv_cache_memory else None)
+
+
 def check_inputs(model_dir: str | Path, ssl_keyfile: str | None, ssl_certfile: str | None) -> None:
     """Fail with a clear message before the port opens: a bad model directory, half a TLS pair."""
     from lmfleet.model.checkpoint import read_config
